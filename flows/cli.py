@@ -1,0 +1,141 @@
+"""The ``ganforge`` command line: one subcommand per unit of work.
+
+Every subcommand reads ``--params FILE`` (default ``params.yaml``), applies
+``--set key.path=value`` overrides and then its explicit flags (which are
+shorthands for params keys), validates the result once, and calls the task.
+No tensor math lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+from tasks.params import Params, ParamsError, load_params
+
+log = logging.getLogger("ganforge")
+
+
+class _Flag:
+    """An explicit flag that is a shorthand for a params key."""
+
+    def __init__(self, flag: str, key: str, type: Callable = str, help: str = "", action: str | None = None):
+        self.flag, self.key, self.type, self.help, self.action = flag, key, type, help, action
+
+    def add(self, p: argparse.ArgumentParser) -> None:
+        dest = self.key.replace(".", "__")
+        if self.action:
+            p.add_argument(self.flag, dest=dest, action=self.action, default=None, help=f"{self.help} [{self.key}]")
+        else:
+            p.add_argument(self.flag, dest=dest, type=self.type, default=None, help=f"{self.help} [{self.key}]")
+
+
+def _common(p: argparse.ArgumentParser, flags: list[_Flag]) -> None:
+    p.add_argument("--params", default=None, help="params file (default: ./params.yaml, else built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a params key, e.g. --set train.progan.lr=0.002 (repeatable)")
+    for f in flags:
+        f.add(p)
+    p.set_defaults(_flags=flags)
+
+
+def resolve_params(args: argparse.Namespace) -> Params:
+    overrides: dict[str, Any] = {}
+    from tasks.params import parse_override
+
+    for o in args.overrides:
+        k, v = parse_override(o)
+        overrides[k] = v
+    for f in args._flags:
+        v = getattr(args, f.key.replace(".", "__"))
+        if v is not None:
+            overrides[f.key] = v
+    return load_params(args.params, overrides)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_shard(args: argparse.Namespace, params: Params) -> dict:
+    from tasks.shard import shard
+
+    m = shard(params.data.source, params.data.shards, params.data, progress=not args.quiet)
+    summary = {
+        "out": params.data.shards,
+        "count": m["count"],
+        "splits": {s: v["count"] for s, v in m["splits"].items()},
+        "skipped": len(m["skipped"]),
+        "classes": len(m["classes"]),
+        "resolution": m["resolution"],
+    }
+    for s in m["skipped"][:20]:
+        log.warning("skipped %s: %s", s["path"], s["reason"])
+    if len(m["skipped"]) > 20:
+        log.warning("... and %d more skipped (see manifest.json)", len(m["skipped"]) - 20)
+    return summary
+
+
+COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
+    "shard": (
+        cmd_shard,
+        [
+            _Flag("--source", "data.source", help="image folder, .zip, digits, synthetic:<kind>[:N], torchvision:<NAME>"),
+            _Flag("--out", "data.shards", help="output folder"),
+            _Flag("--resolution", "data.resolution", int, "output resolution (power of two)"),
+            _Flag("--shard-size", "data.shard_size", int, "samples per shard"),
+            _Flag("--val-fraction", "data.val_fraction", float, "held-out fraction"),
+            _Flag("--workers", "data.workers", int, "decode processes"),
+            _Flag("--seed", "data.seed", int, "shuffle seed"),
+            _Flag("--image-format", "data.image_format", str, "npy (decode-free) or png"),
+            _Flag("--download", "data.download", action="store_true", help="allow torchvision downloads"),
+        ],
+        "write WebDataset shards + manifest.json from an image source",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ganforge", description="GAN training as reproducible, distributed pipelines")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (fn, flags, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        _common(sp, flags)
+        extra = EXTRA_ARGS.get(name)
+        if extra:
+            extra(sp)
+        sp.set_defaults(_fn=fn)
+    return p
+
+
+EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        params = resolve_params(args)
+        result = args._fn(args, params)
+    except ParamsError as e:
+        print(f"ganforge {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        log.debug("failure", exc_info=True)
+        print(f"ganforge {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    if result is not None:
+        # The last line of stdout is machine-readable.
+        print(json.dumps(result, default=str) if not isinstance(result, str) else result)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

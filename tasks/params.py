@@ -1,0 +1,243 @@
+"""params.yaml: the one source of parameters, parsed once into typed objects.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelt key
+fails before any compute with a message naming the key. Inner code receives
+these objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid; the message names the key."""
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(_Section):
+    source: str = Field("digits", description="image folder, .zip, 'digits', 'synthetic:<kind>[:N]' or 'torchvision:<NAME>'")
+    shards: str = Field("data/shards", description="output folder of the WebDataset shards and manifest.json")
+    resolution: int = Field(32, ge=4, le=4096, description="square output resolution, a power of two")
+    shard_size: int = Field(1000, ge=1, description="samples per tar shard")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held-out fraction for evaluation references")
+    workers: int = Field(2, ge=1, le=256, description="decode/resize processes")
+    seed: int = Field(0, ge=0)
+    image_format: Literal["npy", "png"] = Field(
+        "npy", description="lossless sample encoding: raw uint8 .npy (decode-free) or PNG"
+    )
+    download: bool = Field(False, description="allow torchvision datasets to download (network)")
+    torchvision_root: str = Field("data/torchvision", description="where torchvision datasets live")
+
+    @field_validator("resolution")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if not _is_pow2(v):
+            raise ValueError(f"must be a power of two (4, 8, 16, 32, ...), got {v}")
+        return v
+
+
+class ProGANParams(_Section):
+    start_resolution: int = Field(4, ge=4, description="first stage's resolution (power of two)")
+    latent_dim: int = Field(128, ge=1)
+    fmap_base: int = Field(2048, ge=8, description="channels at 4x4 before the cap; halves per doubling")
+    fmap_max: int = Field(128, ge=4, description="channel cap (512 in the paper; small for laptops)")
+    fmap_min: int = Field(16, ge=1)
+    transition_kimg: float = Field(4.0, ge=0, description="thousands of images over which alpha rises 0->1")
+    stabilize_kimg: float = Field(4.0, gt=0, description="thousands of images at alpha=1 after the transition")
+    loss: Literal["wgan-gp", "logistic-r1"] = "wgan-gp"
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.0, 0.99)
+    gp_lambda: float = Field(10.0, ge=0)
+    drift: float = Field(0.001, ge=0, description="epsilon-drift penalty on D(real)^2")
+    r1_gamma: float = Field(10.0, ge=0)
+    ema_half_life_kimg: float = Field(10.0, gt=0, description="half-life of the generator EMA in kimg")
+    minibatch_std_group: int = Field(4, ge=1)
+
+    @field_validator("start_resolution")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if not _is_pow2(v):
+            raise ValueError(f"must be a power of two, got {v}")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"both betas must be in [0, 1), got {v}")
+        return v
+
+
+FAMILIES = ("progan",)
+
+
+class TrainParams(_Section):
+    family: Literal["progan"] = Field("progan", description="GAN family")
+    out: str = Field("runs/demo", description="run folder: checkpoints, samples, summary.json")
+    resolution: int = Field(32, ge=4, description="final resolution (power of two, <= the shards' resolution)")
+    workers: int = Field(2, ge=1, description="Ray Train workers per stage")
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts per stage (-1: unlimited)")
+    batch_size: int = Field(32, ge=2, description="global batch (split over workers)")
+    checkpoint_kimg: float = Field(2.0, gt=0, description="checkpoint + sample grid interval, thousands of images")
+    log_every: int = Field(10, ge=1, description="steps between metric reports")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes per Ray worker")
+    xflip: bool = False
+    seed: int = Field(0, ge=0)
+    amp: bool = Field(True, description="bf16/fp16 autocast when a GPU is used")
+    grid_size: int = Field(8, ge=1, le=32, description="sample grid is grid_size x grid_size")
+    progan: ProGANParams = ProGANParams()
+
+    @field_validator("resolution")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if not _is_pow2(v):
+            raise ValueError(f"must be a power of two (4, 8, 16, 32, ...), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _stages(self) -> "TrainParams":
+        if self.progan.start_resolution > self.resolution:
+            raise ValueError(
+                f"train.progan.start_resolution ({self.progan.start_resolution}) exceeds "
+                f"train.resolution ({self.resolution})"
+            )
+        return self
+
+
+class EvalParams(_Section):
+    metrics: list[Literal["fid", "kid", "is"]] = Field(default_factory=lambda: ["fid", "kid"])
+    protocol: Literal["tf1", "clean"] = Field("tf1", description="tf1: published FID protocol; clean: PIL bicubic")
+    num_samples: int = Field(2000, ge=2, description="generated images per evaluation")
+    split: Literal["train", "val"] = "val"
+    batch_size: int = Field(50, ge=1)
+    workers: int = Field(2, ge=1, description="Ray workers for feature extraction")
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    is_splits: int = Field(10, ge=1)
+    inception_logits_path: str | None = Field(
+        None, description="1008-way Inception logits weights (TorchScript) for IS; IS is null when absent"
+    )
+    cache_dir: str = Field(".cache/ganforge/fid-stats", description="reference statistics cache")
+    seed: int = Field(123, ge=0)
+
+
+class RegistryParams(_Section):
+    model_name: str | None = Field(None, description="registered name; default ganforge-<family>")
+    min_improvement: float = Field(0.0, ge=0, description="FID must drop by at least this to take 'champion'")
+    challenger_alias: str = "challenger"
+    champion_alias: str = "champion"
+
+
+class RuntimeParams(_Section):
+    ray_address: str | None = Field(None, description="None: local Ray; 'auto' or ray://host:port for a cluster")
+    ray_storage: str = Field("runs/ray", description="Ray Train storage_path (local folder, NFS or s3://...)")
+    mlflow_tracking_uri: str = Field("sqlite:///mlflow.db")
+    mlflow_artifact_root: str = Field("mlartifacts", description="artifact root for new experiments")
+    mlflow_experiment: str = "ganforge"
+    prefect_api_url: str | None = Field(None, description="None: Prefect's local server")
+    dvc_remote: str | None = Field(None, description="DVC remote URL (local folder, s3://...)")
+    s3_endpoint_url: str | None = None
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    registry: RegistryParams = RegistryParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+    def section_hash(self, *sections: str) -> str:
+        """Content hash of some sections, for caches keyed on what a task reads."""
+        import hashlib
+
+        blob = json.dumps({s: getattr(self, s).model_dump(mode="json") for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid parameters in {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ParamsError(f"--set {dotted}: '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", yaml-typed value)."""
+    if "=" not in text:
+        raise ParamsError(f"--set expects key.path=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ParamsError(f"--set expects key.path=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ParamsError(f"--set {key}: cannot parse value {raw!r}: {e}") from e
+    return key, value
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Params:
+    """Read params.yaml (or the defaults when it is absent and no path was named), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None or DEFAULT_PARAMS.exists():
+        p = Path(path) if path is not None else DEFAULT_PARAMS
+        if not p.exists():
+            raise ParamsError(f"params file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ParamsError(f"{p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ParamsError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw, origin = loaded, str(p)
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        _set_path(raw, key, value)
+        origin = f"{origin} (with overrides)" if "overrides" not in origin else origin
+    return validate_params(raw, origin)
+
+
+def validate_params(raw: dict[str, Any], origin: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_format_error(e, origin)) from None
+
+
+def dump_params(params: Params) -> str:
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,222 @@
+"""Sharding: images from any source -> deterministic WebDataset tar shards + manifest.json.
+
+Layout of the output folder::
+
+    DIR/manifest.json
+    DIR/train-000000.tar, train-000001.tar, ...
+    DIR/val-000000.tar, ...
+
+Each sample holds ``<key>.npy`` (uint8 HxWx3, decode-free) or ``<key>.png``,
+``<key>.cls`` (class index, when the source has classes) and ``<key>.json``
+(origin). Keys contain no dots. The same source and parameters give
+byte-identical shards: inputs are sorted, the shuffle is seeded and tar headers
+carry fixed metadata, so DVC hashes are stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import shutil
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from tasks.params import DataParams
+from tasks.sources import RESIZE_FILTER, Candidate, SourceError, list_source, load_image, prepare
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "ganforge-shards/1"
+SPLITS = ("train", "val")
+
+
+class ShardError(RuntimeError):
+    """Sharding cannot produce any output (no usable image)."""
+
+
+def encode_image(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "npy":
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    else:
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _process(job: tuple[Candidate, int, str]) -> tuple[bytes | None, str | None]:
+    cand, resolution, fmt = job
+    try:
+        arr = prepare(load_image(cand), resolution)
+    except Exception as e:  # noqa: BLE001 - any decode failure is a skip with its reason
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return None, reason
+    return encode_image(arr, fmt), None
+
+
+def _decode_all(jobs: list, workers: int) -> Iterator[tuple[bytes | None, str | None]]:
+    if workers <= 1 or len(jobs) < 64:
+        yield from map(_process, jobs)
+        return
+    # fork, as torch's DataLoader does: works from any __main__ (stdin, notebooks, Ray
+    # workers); the children only decode images and never touch the parent's locks.
+    ctx = mp.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+        yield from ex.map(_process, jobs, chunksize=max(1, min(256, len(jobs) // (workers * 8))))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _SplitWriter:
+    """Rolls tar shards of ``shard_size`` samples for one split, with fixed tar metadata."""
+
+    def __init__(self, folder: Path, split: str, shard_size: int):
+        self.folder, self.split, self.shard_size = folder, split, shard_size
+        self.shards: list[dict] = []
+        self._writer: wds.TarWriter | None = None
+        self._n = 0
+
+    def write(self, sample: dict) -> None:
+        if self._writer is None or self._n == self.shard_size:
+            self._close()
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self.shards.append({"file": name, "count": 0})
+            self._writer = wds.TarWriter(
+                str(self.folder / name), user="ganforge", group="ganforge", mode=0o444, mtime=0, encoder=False
+            )
+            self._n = 0
+        self._writer.write(sample)
+        self._n += 1
+        self.shards[-1]["count"] += 1
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            last = self.shards[-1]
+            last["sha256"] = sha256_file(self.folder / last["file"])
+
+    def finish(self) -> dict:
+        self._close()
+        return {"count": sum(s["count"] for s in self.shards), "shards": self.shards}
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished folder into place; the previous output survives until the new one is complete."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = True) -> dict:
+    """Shard ``source`` into ``out``; returns the manifest. See the module docstring."""
+    out = Path(out)
+    listing = list_source(source, download=data.download, torchvision_root=data.torchvision_root)
+    cands = listing.candidates
+    skipped = list(listing.skipped)
+    if not cands:
+        raise ShardError(f"no usable image in {source!r}: {len(skipped)} file(s) skipped, e.g. {skipped[:3]}")
+
+    # Seeded permutation of the sorted candidates; the first ceil(f*N) go to val.
+    order = np.random.default_rng(data.seed).permutation(len(cands))
+    n_val = math.ceil(data.val_fraction * len(cands)) if data.val_fraction > 0 else 0
+    if n_val >= len(cands):
+        n_val = len(cands) - 1
+    jobs = [(cands[i], data.resolution, data.image_format) for i in order]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        writers = {s: _SplitWriter(tmp, s, data.shard_size) for s in SPLITS}
+        ext = data.image_format
+        log.info("sharding %d candidates from %s at %dx%d (%s) with %d workers", len(jobs), source, data.resolution, data.resolution, ext, data.workers)
+        results = _decode_all(jobs, data.workers)
+        bar = tqdm(results, total=len(jobs), desc="shard", unit="img", disable=not progress, mininterval=0.5)
+        for pos, (payload, reason) in enumerate(bar):
+            cand = jobs[pos][0]
+            if payload is None:
+                skipped.append({"path": cand.ref, "reason": reason})
+                continue
+            split = "val" if pos < n_val else "train"
+            sample = {"__key__": f"s{int(order[pos]):08d}", ext: payload, "json": json.dumps({"source": cand.ref}).encode()}
+            if cand.label is not None:
+                sample["cls"] = str(cand.label).encode()
+            writers[split].write(sample)
+        splits = {s: w.finish() for s, w in writers.items()}
+        count = sum(s["count"] for s in splits.values())
+        if count == 0:
+            raise ShardError(
+                f"no usable image in {source!r}: all {len(skipped)} file(s) were skipped; first reasons: "
+                + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
+            )
+        if splits["train"]["count"] == 0:
+            raise ShardError(f"only {count} usable image(s) in {source!r}: nothing left for the train split")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "source": source,
+            "count": count,
+            "skipped": sorted(skipped, key=lambda s: s["path"]),
+            "resolution": data.resolution,
+            "channels": 3,
+            "image_format": ext,
+            "resize_filter": RESIZE_FILTER,
+            "classes": listing.classes,
+            "splits": splits,
+            "params": data.model_dump(mode="json"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %d images (%s) to %s; skipped %d", count, {s: v["count"] for s, v in splits.items()}, out, len(skipped))
+    return manifest
+
+
+def read_manifest(shards: str | Path) -> dict:
+    path = Path(shards) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no {MANIFEST} in {shards}: run `ganforge shard` first")
+    m = json.loads(path.read_text())
+    if m.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} has format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return m
+
+
+def manifest_hash(shards: str | Path) -> str:
+    """Content hash of a shard set (the manifest lists every shard's sha256)."""
+    return sha256_file(Path(shards) / MANIFEST)
+
+
+def shard_urls(shards: str | Path, split: str) -> list[str]:
+    m = read_manifest(shards)
+    if split not in m["splits"]:
+        raise ValueError(f"split {split!r} not in {shards}; have {sorted(m['splits'])}")
+    return [str(Path(shards) / s["file"]) for s in m["splits"][split]["shards"]]
+
+
+__all__ = ["shard", "ShardError", "SourceError", "read_manifest", "manifest_hash", "shard_urls", "sha256_file"]
+

@@ -1,0 +1,229 @@
+"""Image sources for sharding: enumerate candidates, load one, normalise it to RGB.
+
+A source is described by a string (``data.source`` / ``--source``):
+
+- a folder of images (recursive; first-level subfolders become class labels),
+- a ``.zip`` of images (same layout rules inside the archive),
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (real, offline),
+- ``synthetic:<kind>[:N]``: deterministic generated images (``shapes``, ``gradients``),
+- ``torchvision:<NAME>``: a torchvision dataset; downloads only when allowed.
+
+Candidates are picklable so decoding can run in worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+SYNTHETIC_KINDS = ("shapes", "gradients")
+RESIZE_FILTER = "PIL.Image.LANCZOS (antialiased), after a centred square crop"
+
+
+class SourceError(ValueError):
+    """The source cannot be read at all (missing, empty, offline)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One would-be sample: where it comes from and how to get its pixels."""
+
+    ref: str  # human-readable origin, reported in manifest['skipped']
+    label: int | None
+    kind: str  # "file" | "zip" | "array" | "synthetic"
+    locator: Any  # path / (zip, member) / uint8 array / (kind, index, seed)
+
+
+@dataclass
+class SourceListing:
+    candidates: list[Candidate]
+    classes: list[str]
+    skipped: list[dict[str, str]]  # files rejected before decoding (e.g. extension)
+
+
+def _labels_for(rel_paths: list[PurePosixPath]) -> tuple[list[str], dict[str, int]]:
+    """First-level subfolders are classes, but only when every image lives in one."""
+    if rel_paths and all(len(p.parts) >= 2 for p in rel_paths):
+        classes = sorted({p.parts[0] for p in rel_paths})
+        return classes, {c: i for i, c in enumerate(classes)}
+    return [], {}
+
+
+def _from_paths(rel: list[PurePosixPath], make) -> SourceListing:
+    skipped, images = [], []
+    for p in sorted(rel, key=str):
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(p)
+        else:
+            skipped.append({"path": str(p), "reason": f"not an image file (extension {p.suffix or 'none'!r})"})
+    classes, index = _labels_for(images)
+    cands = [make(p, index[p.parts[0]] if index else None) for p in images]
+    return SourceListing(cands, classes, skipped)
+
+
+def list_source(source: str, *, download: bool = False, torchvision_root: str = "data/torchvision") -> SourceListing:
+    if source == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        imgs = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        cands = [Candidate(f"digits[{i}]", int(t), "array", imgs[i]) for i, t in enumerate(d.target)]
+        return SourceListing(cands, [str(c) for c in d.target_names], [])
+    if source.startswith("synthetic:"):
+        parts = source.split(":")
+        kind = parts[1]
+        if kind not in SYNTHETIC_KINDS:
+            raise SourceError(f"unknown synthetic kind {kind!r}; allowed: {', '.join(SYNTHETIC_KINDS)}")
+        try:
+            n = int(parts[2]) if len(parts) > 2 else 512
+        except ValueError:
+            raise SourceError(f"synthetic count must be an integer, got {parts[2]!r}") from None
+        if n < 1:
+            raise SourceError(f"synthetic count must be >= 1, got {n}")
+        classes = ["circle", "square", "triangle"] if kind == "shapes" else []
+        cands = [
+            Candidate(f"{kind}[{i}]", (i % 3) if classes else None, "synthetic", (kind, i)) for i in range(n)
+        ]
+        return SourceListing(cands, classes, [])
+    if source.startswith("torchvision:"):
+        return _torchvision(source.split(":", 1)[1], download, torchvision_root)
+
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(
+            f"source {source!r} not found: expected an image folder, a .zip, 'digits', "
+            f"'synthetic:<{'|'.join(SYNTHETIC_KINDS)}>[:N]' or 'torchvision:<NAME>'"
+        )
+    if path.is_dir():
+        rel = [PurePosixPath(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file()]
+        if not rel:
+            raise SourceError(f"source folder {source!r} is empty")
+        return _from_paths(rel, lambda p, lab: Candidate(str(p), lab, "file", str(path / p)))
+    if path.suffix.lower() == ".zip":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if not n.endswith("/")]
+        except zipfile.BadZipFile as e:
+            raise SourceError(f"{source!r} is not a readable zip archive: {e}") from None
+        if not names:
+            raise SourceError(f"zip archive {source!r} holds no files")
+        rel = [PurePosixPath(n) for n in names]
+        return _from_paths(rel, lambda p, lab: Candidate(str(p), lab, "zip", (str(path), str(p))))
+    raise SourceError(f"source {source!r} is a file but not a .zip archive")
+
+
+def _torchvision(name: str, download: bool, root: str) -> SourceListing:
+    import inspect
+
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if cls is None or not inspect.isclass(cls):
+        raise SourceError(f"torchvision has no dataset named {name!r} (e.g. CIFAR10, MNIST, FashionMNIST, STL10)")
+    params = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {"root": root, "download": download}
+    if "train" in params:
+        kwargs["train"] = True
+    elif "split" in params:
+        kwargs["split"] = "train"
+    try:
+        ds = cls(**kwargs)
+    except RuntimeError as e:
+        if not download:
+            raise SourceError(
+                f"torchvision dataset {name} is not in {root!r} and downloading is off; "
+                f"pass --download (needs network) or copy the files there ({e})"
+            ) from None
+        raise SourceError(f"torchvision dataset {name} could not be prepared: {e}") from None
+    except OSError as e:  # URLError is an OSError: offline with --download
+        raise SourceError(f"downloading torchvision dataset {name} failed (offline?): {e}") from None
+    classes = [str(c) for c in getattr(ds, "classes", [])]
+    cands = []
+    for i in range(len(ds)):
+        img, target = ds[i]
+        arr = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img)
+        cands.append(Candidate(f"{name}[{i}]", int(target) if classes else None, "array", arr))
+    return SourceListing(cands, classes, [])
+
+
+def _synthetic(kind: str, index: int, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng([index, 7919])
+    if kind == "gradients":
+        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        t = np.linspace(0.0, 1.0, size)[None, :, None]
+        angle = rng.uniform(0, 1)
+        t = t if angle < 0.5 else t.transpose(1, 0, 2)
+        arr = (c0 * (1 - t) + c1 * t).repeat(size, axis=0 if angle < 0.5 else 1)
+        return Image.fromarray(arr.astype(np.uint8))
+    bg = tuple(int(v) for v in rng.integers(0, 96, 3))
+    fg = tuple(int(v) for v in rng.integers(128, 256, 3))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    r = int(rng.integers(size // 6, size // 3))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+    shape = index % 3
+    if shape == 0:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif shape == 1:
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Alpha is composited over white; 16-bit is scaled, not clipped."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 1.0
+        if mode == "F" and arr.max(initial=0) <= 1.0:
+            scale = 1.0 / 255.0
+        arr = np.clip(np.round(arr / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("LA", "La", "PA", "RGBa", "RGBA"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_image(c: Candidate) -> Image.Image:
+    """Decode one candidate fully (raises on truncated / non-image data)."""
+    if c.kind == "array":
+        arr = np.asarray(c.locator)
+        return Image.fromarray(arr)
+    if c.kind == "synthetic":
+        return _synthetic(*c.locator)
+    if c.kind == "file":
+        data = Path(c.locator).read_bytes()
+    else:
+        zpath, member = c.locator
+        with zipfile.ZipFile(zpath) as zf:
+            data = zf.read(member)
+    if not data:
+        raise ValueError("empty file")
+    img = Image.open(io.BytesIO(data))
+    img.load()  # force full decode: truncated files fail here, not later
+    img = ImageOps.exif_transpose(img)
+    return img
+
+
+def prepare(img: Image.Image, resolution: int) -> np.ndarray:
+    """RGB, centred square crop, antialiased resize -> HxWx3 uint8."""
+    img = to_rgb(img)
+    if img.size != (resolution, resolution):
+        img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+    return np.asarray(img, dtype=np.uint8)
