@@ -53,6 +53,7 @@ def resolve_params(args: argparse.Namespace) -> Params:
         v = getattr(args, f.key.replace(".", "__"))
         if v is not None:
             overrides[f.key] = v
+    _kimg_per_stage(args, overrides)
     return load_params(args.params, overrides)
 
 
@@ -78,6 +79,25 @@ def cmd_shard(args: argparse.Namespace, params: Params) -> dict:
     return summary
 
 
+def cmd_train(args: argparse.Namespace, params: Params) -> dict:
+    from tasks.train import train
+
+    summary = train(params.data.shards, params.train.out, params)
+    return {
+        "out": params.train.out,
+        "final_checkpoint": summary["final_checkpoint"],
+        "stages": {k: {"images_seen": v["images_seen"], "wall_time_s": v["wall_time_s"]} for k, v in summary["stages"].items()},
+    }
+
+
+def _kimg_per_stage(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    k = getattr(args, "kimg_per_stage", None)
+    if k is not None:
+        # the first stage only stabilises; later ones split K into transition + stabilisation
+        overrides["train.progan.transition_kimg"] = k / 2
+        overrides["train.progan.stabilize_kimg"] = k / 2
+
+
 COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
     "shard": (
         cmd_shard,
@@ -93,6 +113,20 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
             _Flag("--download", "data.download", action="store_true", help="allow torchvision downloads"),
         ],
         "write WebDataset shards + manifest.json from an image source",
+    ),
+    "train": (
+        cmd_train,
+        [
+            _Flag("--data", "data.shards", help="shard folder (from `ganforge shard`)"),
+            _Flag("--out", "train.out", help="run folder; an existing one is resumed"),
+            _Flag("--family", "train.family", help="GAN family"),
+            _Flag("--resolution", "train.resolution", int, "final resolution"),
+            _Flag("--workers", "train.workers", int, "Ray Train workers per stage"),
+            _Flag("--gpus-per-worker", "train.gpus_per_worker", float, "GPUs per worker (0: CPU + gloo)"),
+            _Flag("--max-failures", "train.max_failures", int, "worker-group restarts per stage"),
+            _Flag("--batch-size", "train.batch_size", int, "global batch"),
+        ],
+        "train every stage of a family (each stage one Ray Train job), resuming what exists",
     ),
 }
 
@@ -112,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "train": lambda p: p.add_argument(
+        "--kimg-per-stage", type=float, default=None,
+        help="thousands of images per stage (half transition, half stabilisation)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,6 +113,7 @@ class TrainStream(IterableDataset):
         xflip: bool = False,
         shuffle_buffer: int = 512,
         split: str = "train",
+        start_batch: int = 0,
     ):
         m = read_manifest(shards)
         if resolution > m["resolution"]:
@@ -123,6 +124,7 @@ class TrainStream(IterableDataset):
         self.resolution, self.batch_size = resolution, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.xflip, self.shuffle_buffer = xflip, shuffle_buffer
+        self.start_batch = start_batch  # batches of this rank already consumed (exact resume)
         self.stored_resolution = m["resolution"]
         self._npy_header = npy_header_for(m["resolution"])
 
@@ -132,6 +134,10 @@ class TrainStream(IterableDataset):
         return self.rank * nw + wid, self.world_size * nw, wid
 
     def samples(self) -> Iterator[tuple[np.ndarray, int]]:
+        """Endless decoded ``(uint8 HxWx3, label)`` of this part, shuffled."""
+        return (decode_sample(raw, self._npy_header) for raw in self.raw_samples())
+
+    def raw_samples(self) -> Iterator[dict]:
         part, parts, _ = self._part()
         rng = random.Random(f"{self.seed}-{part}")
         offsets = np.cumsum([0] + [c for _, c in self.shards])
@@ -143,14 +149,14 @@ class TrainStream(IterableDataset):
             keep = (part, parts)
         if keep is not None and offsets[-1] < parts:
             raise ValueError(f"{offsets[-1]} samples cannot feed {parts} readers (ranks x loader workers)")
-        buf: list[tuple[np.ndarray, int]] = []
+        buf: list[dict] = []
         while True:
             rng.shuffle(mine)
             for shard_idx, url in mine:
                 for j, raw in enumerate(_iter_tar(url)):
                     if keep is not None and (offsets[shard_idx] + j) % keep[1] != keep[0]:
                         continue
-                    buf.append(decode_sample(raw, self._npy_header))
+                    buf.append(raw)
                     if len(buf) >= self.shuffle_buffer:
                         k = rng.randrange(len(buf))
                         buf[k], buf[-1] = buf[-1], buf[k]
@@ -158,14 +164,25 @@ class TrainStream(IterableDataset):
             # drain nothing: the buffer carries over into the next pass
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        part, _, _ = self._part()
-        flip_rng = np.random.default_rng([self.seed, part, 1])
+        part, _, wid = self._part()
+        info = get_worker_info()
+        nw = info.num_workers if info is not None else 1
+        # A DataLoader hands out batches round-robin over its workers: this worker's
+        # share of the already-consumed batches is skipped undecoded.
+        skip = len(range(wid, self.start_batch, nw))
         imgs, labels = [], []
-        for arr, label in self.samples():
-            imgs.append(arr)
-            labels.append(label)
+        batch = 0
+        for raw in self.raw_samples():
+            if batch >= skip:
+                arr, label = decode_sample(raw, self._npy_header)
+                imgs.append(arr)
+                labels.append(label)
+            else:
+                imgs.append(None)
             if len(imgs) == self.batch_size:
-                yield self._collate(imgs, labels, flip_rng)
+                if batch >= skip:
+                    yield self._collate(imgs, labels, np.random.default_rng([self.seed, part, batch]))
+                batch += 1
                 imgs, labels = [], []
 
     def _collate(self, imgs: list[np.ndarray], labels: list[int], flip_rng) -> tuple[torch.Tensor, torch.Tensor]:

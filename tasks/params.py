@@ -65,7 +65,6 @@ class ProGANParams(_Section):
     gp_lambda: float = Field(10.0, ge=0)
     drift: float = Field(0.001, ge=0, description="epsilon-drift penalty on D(real)^2")
     r1_gamma: float = Field(10.0, ge=0)
-    ema_half_life_kimg: float = Field(10.0, gt=0, description="half-life of the generator EMA in kimg")
     minibatch_std_group: int = Field(4, ge=1)
 
     @field_validator("start_resolution")
@@ -102,6 +101,8 @@ class TrainParams(_Section):
     seed: int = Field(0, ge=0)
     amp: bool = Field(True, description="bf16/fp16 autocast when a GPU is used")
     grid_size: int = Field(8, ge=1, le=32, description="sample grid is grid_size x grid_size")
+    ema_half_life_kimg: float = Field(10.0, gt=0, description="half-life of the generator EMA, thousands of images")
+    checkpoints_to_keep: int | None = Field(None, ge=1, description="per stage; None keeps all")
     progan: ProGANParams = ProGANParams()
 
     @field_validator("resolution")
@@ -147,7 +148,9 @@ class RegistryParams(_Section):
 
 class RuntimeParams(_Section):
     ray_address: str | None = Field(None, description="None: local Ray; 'auto' or ray://host:port for a cluster")
-    ray_storage: str = Field("runs/ray", description="Ray Train storage_path (local folder, NFS or s3://...)")
+    ray_storage: str | None = Field(
+        None, description="Ray Train storage root (shared folder or s3://...); None: RUN_DIR/ray"
+    )
     mlflow_tracking_uri: str = Field("sqlite:///mlflow.db")
     mlflow_artifact_root: str = Field("mlartifacts", description="artifact root for new experiments")
     mlflow_experiment: str = "ganforge"

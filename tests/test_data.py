@@ -70,3 +70,11 @@ def test_iter_split_visits_every_sample_once(digits_shards):
     assert np.array_equal(np.concatenate(parts), imgs)
     with pytest.raises(ValueError, match="split 'test'"):
         list(iter_split(digits_shards, "test", 4))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_start_batch_continues_the_same_sequence(digits_shards, workers):
+    full = [b[0] for b in itertools.islice(train_loader(TrainStream(digits_shards, 8, 16, seed=5, xflip=True), workers), 7)]
+    rest = [b[0] for b in itertools.islice(train_loader(TrainStream(digits_shards, 8, 16, seed=5, xflip=True, start_batch=4), workers), 3)]
+    for a, b in zip(full[4:], rest):
+        assert torch.equal(a, b)

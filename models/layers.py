@@ -1,0 +1,64 @@
+"""Layers shared by GAN families: equalized learning rate, pixel norm, minibatch stddev."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SQRT2 = math.sqrt(2.0)
+
+
+class EqualizedConv2d(nn.Module):
+    """Conv with weights stored N(0,1) and the He constant sqrt(gain^2/fan_in) applied at run time."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, padding: int = 0, gain: float = SQRT2, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.scale = gain / math.sqrt(cin * kernel * kernel)
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+
+
+class EqualizedLinear(nn.Module):
+    def __init__(self, cin: int, cout: int, gain: float = SQRT2, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.scale = gain / math.sqrt(cin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+
+class PixelNorm(nn.Module):
+    """Normalise each pixel's feature vector to unit length (ProGAN sec. 4.2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+
+
+class MinibatchStd(nn.Module):
+    """Append the average (over features and pixels) stddev across groups of samples as one feature map."""
+
+    def __init__(self, group_size: int = 4):
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = math.gcd(min(self.group_size, n), n)
+        y = x.reshape(g, -1, c, h, w).float()
+        y = (y - y.mean(dim=0)).pow(2).mean(dim=0).add(1e-8).sqrt()  # [n/g, c, h, w]
+        y = y.mean(dim=(1, 2, 3)).to(x.dtype)  # [n/g]
+        y = y.reshape(-1, 1, 1, 1).repeat(g, 1, h, w)  # [n, 1, h, w]
+        return torch.cat([x, y], dim=1)
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    return a + (b - a) * t

@@ -1,0 +1,229 @@
+"""ProGAN (Karras et al. 2017, "Progressive Growing of GANs"): networks, fade-in, losses, stages.
+
+Each stage trains at one resolution. A stage at R > start holds the blocks for
+4..R plus the toRGB/fromRGB layers of R and R/2; during its transition phase the
+new block is blended with the up-/down-sampled old path with alpha rising 0->1,
+then it stabilises at alpha = 1. The blend is always computed (at alpha = 1 the
+old path contributes exact zeros), so every parameter takes part in every step
+and DDP needs no unused-parameter search.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import GANFamily, StageSpec, StepContext
+from models.layers import SQRT2, EqualizedConv2d, EqualizedLinear, MinibatchStd, PixelNorm
+from tasks.params import TrainParams
+
+
+def _act(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.2)
+
+
+def channel_schedule(fmap_base: int, fmap_max: int, fmap_min: int):
+    def nf(res: int) -> int:
+        return int(min(max(fmap_base * 4 // res, fmap_min), fmap_max))
+
+    return nf
+
+
+def _resolutions(resolution: int) -> list[int]:
+    return [2**i for i in range(2, int(math.log2(resolution)) + 1)]
+
+
+class GBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = EqualizedConv2d(cin, cout, 3, 1)
+        self.conv2 = EqualizedConv2d(cout, cout, 3, 1)
+        self.norm = PixelNorm()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.norm(_act(self.conv1(x)))
+        return self.norm(_act(self.conv2(x)))
+
+
+class DBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = EqualizedConv2d(cin, cin, 3, 1)
+        self.conv2 = EqualizedConv2d(cin, cout, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _act(self.conv2(_act(self.conv1(x))))
+        return F.avg_pool2d(x, 2)
+
+
+class Generator(nn.Module):
+    def __init__(self, resolution: int, latent_dim: int, nf, num_classes: int = 0):
+        super().__init__()
+        self.resolution, self.latent_dim = resolution, latent_dim
+        self.res = _resolutions(resolution)
+        c4 = nf(4)
+        self.c4 = c4
+        self.norm = PixelNorm()
+        self.dense = EqualizedLinear(latent_dim, c4 * 16, gain=SQRT2 / 4)
+        self.conv4 = EqualizedConv2d(c4, c4, 3, 1)
+        self.blocks = nn.ModuleDict({str(r): GBlock(nf(r // 2), nf(r)) for r in self.res[1:]})
+        keep = self.res[-2:]
+        self.to_rgb = nn.ModuleDict({str(r): EqualizedConv2d(nf(r), 3, 1, gain=1.0) for r in keep})
+
+    def forward(self, z: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        x = self.dense(self.norm(z)).view(-1, self.c4, 4, 4)
+        x = self.norm(_act(x))
+        x = self.norm(_act(self.conv4(x)))
+        prev = x
+        for r in self.res[1:]:
+            prev, x = x, self.blocks[str(r)](x)
+        y = self.to_rgb[str(self.resolution)](x)
+        if len(self.res) > 1:
+            y_old = F.interpolate(self.to_rgb[str(self.resolution // 2)](prev), scale_factor=2, mode="nearest")
+            y = torch.lerp(y_old, y, alpha)
+        return y
+
+
+class Discriminator(nn.Module):
+    def __init__(self, resolution: int, nf, mbstd_group: int = 4):
+        super().__init__()
+        self.resolution = resolution
+        self.res = _resolutions(resolution)
+        c4 = nf(4)
+        keep = self.res[-2:]
+        self.from_rgb = nn.ModuleDict({str(r): EqualizedConv2d(3, nf(r), 1) for r in keep})
+        self.blocks = nn.ModuleDict({str(r): DBlock(nf(r), nf(r // 2)) for r in self.res[1:]})
+        self.mbstd = MinibatchStd(mbstd_group)
+        self.conv4 = EqualizedConv2d(c4 + 1, c4, 3, 1)
+        self.fc = EqualizedLinear(c4 * 16, c4)
+        self.out = EqualizedLinear(c4, 1, gain=1.0)
+
+    def forward(self, img: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        R = self.resolution
+        x = _act(self.from_rgb[str(R)](img))
+        if R > 4:
+            x = self.blocks[str(R)](x)
+            x_old = _act(self.from_rgb[str(R // 2)](F.avg_pool2d(img, 2)))
+            x = torch.lerp(x_old, x, alpha)
+            for r in reversed(self.res[1:-1]):
+                x = self.blocks[str(r)](x)
+        x = _act(self.conv4(self.mbstd(x)))
+        x = _act(self.fc(x.flatten(1)))
+        return self.out(x)
+
+
+def fade_reals(real: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Blend real images with their 2x box-down/nearest-up version, as the generator's output is blended."""
+    if alpha >= 1.0 or real.shape[-1] <= 4:
+        return real
+    low = F.interpolate(F.avg_pool2d(real, 2), scale_factor=2, mode="nearest")
+    return torch.lerp(low, real, alpha)
+
+
+class ProGAN(GANFamily):
+    name = "progan"
+    ema_modules = ("G",)
+
+    def __init__(self, params: TrainParams):
+        super().__init__(params)
+        self.p = params.progan
+        self.latent_dim = self.p.latent_dim
+        self.nf = channel_schedule(self.p.fmap_base, self.p.fmap_max, self.p.fmap_min)
+
+    def stages(self) -> list[StageSpec]:
+        out = []
+        for i, r in enumerate(_resolutions(self.params.resolution)):
+            if r < self.p.start_resolution:
+                continue
+            idx = len(out)
+            transition = 0.0 if idx == 0 else self.p.transition_kimg
+            out.append(StageSpec(
+                name=f"progan-r{r:04d}", index=idx, resolution=r, kimg=transition + self.p.stabilize_kimg,
+                info={"transition_kimg": transition},
+            ))
+        return out
+
+    def alpha(self, stage: StageSpec, images_in_stage: int) -> float:
+        t = stage.info["transition_kimg"] * 1000
+        return 1.0 if t <= 0 else min(1.0, images_in_stage / t)
+
+    def build(self, stage: StageSpec) -> dict[str, nn.Module]:
+        return {
+            "G": Generator(stage.resolution, self.p.latent_dim, self.nf),
+            "D": Discriminator(stage.resolution, self.nf, self.p.minibatch_std_group),
+        }
+
+    def grow(self, modules, previous) -> None:
+        # The previous stage's toRGB/fromRGB of R/4 has no place in this stage.
+        trimmed = {
+            name: {k: v for k, v in sd.items() if k in modules[name].state_dict()} for name, sd in previous.items()
+        }
+        super().grow(modules, trimmed)
+
+    def optimizers(self, modules):
+        return {
+            name: torch.optim.Adam(modules[name].parameters(), lr=self.p.lr, betas=self.p.betas, eps=1e-8)
+            for name in ("G", "D")
+        }
+
+    def train_step(self, modules, opts, real, labels, stage, ctx: StepContext) -> dict[str, float]:
+        G, D = modules["G"], modules["D"]
+        p, dev, gen = self.p, ctx.device, ctx.generator
+        alpha = self.alpha(stage, ctx.images_in_stage)
+        n = real.shape[0]
+        real = fade_reals(real, alpha)
+        metrics: dict[str, float] = {"alpha": alpha}
+
+        # --- discriminator
+        z = torch.randn(n, p.latent_dim, generator=gen).to(dev)
+        with torch.no_grad(), ctx.autocast():
+            fake = G(z, alpha)
+        fake = fake.float()
+        if p.loss == "wgan-gp":
+            with ctx.autocast():
+                d_real = D(real, alpha).float()
+                d_fake = D(fake, alpha).float()
+            eps = torch.rand(n, 1, 1, 1, generator=gen).to(dev)
+            x_hat = torch.lerp(real, fake, eps).requires_grad_(True)
+            with ctx.autocast():
+                d_hat = D(x_hat, alpha).float()
+            (grad,) = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
+            penalty = (grad.flatten(1).norm(2, dim=1) - 1.0).pow(2).mean()
+            d_loss = d_fake.mean() - d_real.mean() + p.gp_lambda * penalty + p.drift * d_real.pow(2).mean()
+            metrics["wasserstein"] = float((d_real.mean() - d_fake.mean()).detach())
+        else:
+            real = real.detach().requires_grad_(True)
+            with ctx.autocast():
+                d_real = D(real, alpha).float()
+                d_fake = D(fake, alpha).float()
+            (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+            penalty = grad.flatten(1).pow(2).sum(1).mean()
+            d_loss = F.softplus(d_fake).mean() + F.softplus(-d_real).mean() + 0.5 * p.r1_gamma * penalty
+        opts["D"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        opts["D"].step()
+
+        # --- generator (D's gradients from this pass are local and discarded)
+        z = torch.randn(n, p.latent_dim, generator=gen).to(dev)
+        with ctx.no_sync(D):
+            with ctx.autocast():
+                d_gen = D(G(z, alpha), alpha).float()
+            g_loss = -d_gen.mean() if p.loss == "wgan-gp" else F.softplus(-d_gen).mean()
+            opts["G"].zero_grad(set_to_none=True)
+            g_loss.backward()
+        opts["G"].step()
+
+        metrics.update(
+            loss_d=float(d_loss.detach()), loss_g=float(g_loss.detach()), penalty=float(penalty.detach()),
+            d_real=float(d_real.mean().detach()), d_fake=float(d_fake.mean().detach()),
+        )
+        return metrics
+
+    @torch.no_grad()
+    def generate(self, ema, z, stage, labels=None, images_in_stage: int | None = None) -> torch.Tensor:
+        alpha = 1.0 if images_in_stage is None else self.alpha(stage, images_in_stage)
+        return ema["G"](z, alpha).float().clamp(-1, 1)

@@ -1,0 +1,325 @@
+"""The shared training loop: one stage of any GAN family, on any number of workers.
+
+It knows nothing family-specific. It builds the stage's modules, starts them
+from the previous stage (grow) or from this stage's latest checkpoint (resume),
+streams the shards for its rank, runs the family's step, keeps the EMA copies,
+reports metrics and writes complete checkpoints with a sample grid.
+
+``run_stage`` runs under a :class:`Session`: :class:`RaySession` inside a Ray
+Train worker, :class:`LocalSession` in-process (tests, benchmarks baseline).
+
+Every random draw of a step comes from a generator seeded by (seed, stage, rank,
+step), and the data stream skips the batches already consumed, so a resumed
+stage continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.base import GANFamily, StageSpec, StepContext, get_family
+from tasks.data import TrainStream, train_loader
+from tasks.params import TrainParams
+
+log = logging.getLogger("ganforge.train")
+
+STATE = "state.pt"
+META = "meta.json"
+GRID = "grid.png"
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+class LocalSession:
+    """Single-process session: checkpoints go to ``ckpt_root/<dir_name>``."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, ckpt_root: str | Path, resume_from: str | None = None, device: str | None = None):
+        self.ckpt_root = Path(ckpt_root)
+        self.resume_from = resume_from
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.reports: list[dict] = []
+        self.checkpoints: list[str] = []
+
+    def get_checkpoint(self) -> str | None:
+        return self.resume_from
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device)
+
+    def report(self, metrics: dict, ckpt_dir: str | None = None, name: str | None = None) -> None:
+        self.reports.append(dict(metrics))
+        if ckpt_dir is not None:
+            dst = self.ckpt_root / name
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(ckpt_dir, dst)
+            self.checkpoints.append(str(dst))
+
+
+class RaySession:
+    """Inside a Ray Train worker (Train V2 API)."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module)
+
+    def report(self, metrics: dict, ckpt_dir: str | None = None, name: str | None = None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt_dir else None)
+
+
+@contextlib.contextmanager
+def checkpoint_dir(ckpt: Any):
+    """A local directory for a checkpoint given as a path or a ray.train.Checkpoint."""
+    if ckpt is None:
+        yield None
+    elif isinstance(ckpt, (str, Path)) and "://" not in str(ckpt):
+        yield Path(ckpt)
+    else:
+        if isinstance(ckpt, (str, Path)):
+            import ray.train
+
+            ckpt = ray.train.Checkpoint(str(ckpt))
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def load_state(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / STATE
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {STATE}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if hasattr(m, "module") else m
+
+
+def _rng_state() -> dict:
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(np.random.get_state()[1].tolist()),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": json.dumps(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(("MT19937", np.array(json.loads(st["numpy"]), dtype=np.uint32), st["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(json.loads(st["python"])), None))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def step_seed(seed: int, stage: int, rank: int, step: int) -> int:
+    return (((seed * 1_000_003 + stage) * 1_009 + rank) * 1_000_000_007 + step) % (2**63 - 1)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, min_size: int = 32) -> None:
+    """Images in [-1,1] -> a PNG grid; tiny images are enlarged (nearest) so they can be seen."""
+    from torchvision.utils import save_image
+
+    if images.shape[-1] < min_size:
+        images = torch.nn.functional.interpolate(images, scale_factor=min_size // images.shape[-1], mode="nearest")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.add(1).div(2).clamp(0, 1), str(path), nrow=nrow, padding=1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run_stage(config: dict, session=None) -> dict:
+    """Train one stage. ``config``: params (TrainParams dump), stage (index), shards, run_dir,
+    init (checkpoint path of the previous stage, or None), optional max_steps, fault."""
+    session = session or RaySession()
+    params = TrainParams.model_validate(config["params"])
+    family: GANFamily = get_family(params)
+    stage: StageSpec = family.stages()[config["stage"]]
+    rank, world, dev = session.rank, session.world_size, session.device
+    if params.batch_size % world:
+        raise ValueError(f"train.batch_size ({params.batch_size}) must be divisible by the {world} workers")
+    per_rank = params.batch_size // world
+    use_cuda = dev.type == "cuda"
+    torch.backends.cudnn.benchmark = use_cuda
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(params.seed * 1009 + stage.index)  # identical init on every rank
+    modules = family.build(stage)
+    opts_state = None
+    step = images = 0
+    resume = session.get_checkpoint()
+    source = "resume"
+    if resume is None and config.get("resume"):
+        resume = config["resume"]
+    if resume is None:
+        source = "grow" if config.get("init") else "scratch"
+    ema: dict[str, nn.Module]
+    with checkpoint_dir(resume if resume is not None else config.get("init")) as d:
+        state = load_state(d) if d is not None else None
+        if source == "resume":
+            if state["stage"] != stage.name:
+                raise ValueError(f"checkpoint {resume} is of stage {state['stage']}, not {stage.name}")
+            for k, m in modules.items():
+                m.load_state_dict(state["modules"][k])
+            ema = {k: copy.deepcopy(modules[k]) for k in family.ema_modules}
+            for k, m in ema.items():
+                m.load_state_dict(state["ema"][k])
+            opts_state = state["optimizers"]
+            step, images = state["step"], state["images_in_stage"]
+            rng = Path(d) / f"rng-{rank}.pt"
+            if rng.exists():
+                _set_rng_state(torch.load(rng, weights_only=True))
+        else:
+            if state is not None:
+                family.grow(modules, state["modules"])
+            ema = {k: copy.deepcopy(modules[k]) for k in family.ema_modules}
+            if state is not None:
+                family.grow(ema, state["ema"])
+    attempt_start = images
+    if rank == 0:
+        log.info("stage %s (%dpx, %.1f kimg): %s at %.2f kimg on %d worker(s), %s", stage.name, stage.resolution,
+                 stage.kimg, source, images / 1000, world, dev)
+
+    mem = torch.channels_last if use_cuda else torch.contiguous_format
+    for k in list(modules):
+        modules[k] = session.prepare(modules[k].to(dev, memory_format=mem))
+    for m in ema.values():
+        m.to(dev).eval().requires_grad_(False)
+    opts = family.optimizers({k: _unwrap(m) for k, m in modules.items()})
+    if opts_state is not None:
+        for k, o in opts.items():
+            o.load_state_dict(opts_state[k])
+
+    amp_dtype = torch.bfloat16 if (use_cuda and torch.cuda.is_bf16_supported()) else torch.float16
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if (use_cuda and params.amp) else contextlib.nullcontext
+    no_sync = lambda m: m.no_sync() if hasattr(m, "no_sync") else contextlib.nullcontext()  # noqa: E731
+
+    stream = TrainStream(
+        config["shards"], stage.resolution, per_rank, rank=rank, world_size=world,
+        seed=params.seed * 1009 + stage.index, xflip=params.xflip, start_batch=step,
+    )
+    batches = train_loader(stream, params.loader_workers)
+    total = int(round(stage.kimg * 1000))
+    every = max(1, int(round(params.checkpoint_kimg * 1000)))
+    beta = 0.5 ** (params.batch_size / (params.ema_half_life_kimg * 1000))
+    grid_z = torch.randn(params.grid_size**2, family.latent_dim, generator=torch.Generator().manual_seed(params.seed)).to(dev)
+    run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
+    fault = config.get("fault") or {}
+    max_steps = config.get("max_steps")
+
+    window_t, window_imgs = time.perf_counter(), 0
+    last: dict[str, float] = {}
+    ckpt_path = None
+    while images < total and (max_steps is None or step < max_steps):
+        if fault and fault.get("stage") == stage.name and fault.get("step") == step and fault.get("rank", 0) == rank:
+            marker = Path(fault["marker"])
+            if not marker.exists():
+                marker.write_text(f"killed {stage.name} step {step} rank {rank}\n")
+                log.warning("injected failure: killing worker rank %d at step %d", rank, step)
+                os._exit(1)
+        real, labels = next(batches)
+        real = real.to(dev, non_blocking=True, memory_format=mem)
+        ctx = StepContext(step, images, torch.Generator().manual_seed(step_seed(params.seed, stage.index, rank, step)),
+                          dev, autocast, no_sync)
+        last = family.train_step(modules, opts, real, labels.to(dev), stage, ctx)
+        with torch.no_grad():
+            for k, e in ema.items():
+                src = _unwrap(modules[k])
+                for pe, p in zip(e.parameters(), src.parameters()):
+                    pe.lerp_(p.detach(), 1.0 - beta)
+                for be, b in zip(e.buffers(), src.buffers()):
+                    be.copy_(b)
+        prev_images = images
+        step += 1
+        images += params.batch_size
+        window_imgs += params.batch_size
+        done = images >= total or (max_steps is not None and step >= max_steps)
+        at_ckpt = done or images // every > prev_images // every
+        if at_ckpt or step % params.log_every == 0:
+            if use_cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            metrics = {**last, "stage": stage.name, "step": step, "kimg": images / 1000,
+                       "images_per_s": window_imgs / max(now - window_t, 1e-9)}
+            window_t, window_imgs = now, 0
+            if rank == 0:
+                log.info("%s step %d kimg %.2f/%.1f alpha %.2f loss_d %.3f loss_g %.3f %.0f img/s", stage.name, step,
+                         images / 1000, total / 1000, last.get("alpha", 1.0), last.get("loss_d", math.nan),
+                         last.get("loss_g", math.nan), metrics["images_per_s"])
+            if at_ckpt:
+                name = f"ckpt-{images:010d}"
+                with tempfile.TemporaryDirectory(prefix="ganforge-ckpt-") as tmp:
+                    torch.save(_rng_state(), Path(tmp) / f"rng-{rank}.pt")
+                    if rank == 0:
+                        state = {
+                            "family": family.name, "stage": stage.name, "stage_index": stage.index,
+                            "resolution": stage.resolution, "step": step, "images_in_stage": images,
+                            "alpha": float(last.get("alpha", 1.0)), "attempt_start_images": attempt_start,
+                            "modules": {k: _unwrap(m).state_dict() for k, m in modules.items()},
+                            "ema": {k: m.state_dict() for k, m in ema.items()},
+                            "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                            "params": params.model_dump(mode="json"),
+                        }
+                        torch.save(state, Path(tmp) / STATE)
+                        imgs = family.generate(ema, grid_z, stage, images_in_stage=images).cpu()
+                        save_grid(imgs, Path(tmp) / GRID, params.grid_size)
+                        meta = {k: v for k, v in state.items() if k not in ("modules", "ema", "optimizers", "params")}
+                        (Path(tmp) / META).write_text(json.dumps({**meta, "metrics": metrics}, indent=2))
+                        if run_dir is not None:
+                            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+                            shutil.copy(Path(tmp) / GRID, run_dir / "samples" / f"{stage.name}-{images / 1000:08.3f}kimg.png")
+                    session.report(metrics, tmp, name)
+                ckpt_path = name
+            else:
+                session.report(metrics)
+    return {"step": step, "images_in_stage": images, "checkpoint": ckpt_path, "metrics": last}
+
+
+def ray_train_loop(config: dict) -> None:
+    """Entry point of every Ray Train worker."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    run_stage(config, RaySession())

@@ -1,0 +1,208 @@
+"""`ganforge train`: every stage of a family in order, each one Ray Train job.
+
+Stage k starts from stage k-1's final checkpoint (grown by the family); inside a
+stage, a restarted worker group continues from the stage's latest checkpoint
+(``ray.train.get_checkpoint()``); a re-run of ``train`` on the same RUN_DIR skips
+finished stages (``summary.json``) and resumes the interrupted one from the
+latest complete checkpoint found in its storage folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from models.base import StageSpec, get_family
+from tasks.loop import STATE, load_state, ray_train_loop
+from tasks.params import Params
+from tasks.shard import manifest_hash, read_manifest
+
+log = logging.getLogger("ganforge.train")
+
+SUMMARY = "summary.json"
+# Parameters that change what a checkpoint means: a RUN_DIR resumes only with the same values.
+_IDENTITY_KEYS = ("family", "batch_size", "seed", "progan")
+
+
+def storage_root(params: Params, run_dir: Path) -> str:
+    """Ray Train storage for this run: runtime.ray_storage/<run name>, or RUN_DIR/ray by default."""
+    base = params.runtime.ray_storage
+    if not base:
+        return str((run_dir / "ray").resolve())
+    if "://" in base:
+        return f"{base.rstrip('/')}/{run_dir.name}"
+    return str((Path(base) / run_dir.name).resolve())
+
+
+def _fs(path: str):
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def latest_checkpoint(storage: str, stage: StageSpec) -> str | None:
+    """The newest complete checkpoint of ``stage`` over all its attempts in ``storage``."""
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(storage)
+    try:
+        attempts = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return None
+    found = []
+    for a in attempts:
+        if a.type != pafs.FileType.Directory or not a.base_name.startswith(stage.name + "-"):
+            continue
+        for c in fs.get_file_info(pafs.FileSelector(a.path)):
+            if c.type == pafs.FileType.Directory and c.base_name.startswith("ckpt-"):
+                if fs.get_file_info(f"{c.path}/{STATE}").type == pafs.FileType.File:
+                    found.append((c.base_name, c.path))
+    if not found:
+        return None
+    best = max(found)[1]
+    return best if "://" not in storage else f"{storage.split('://')[0]}://{best}"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def init_ray(params: Params) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
+    if params.runtime.ray_address:
+        kwargs["address"] = params.runtime.ray_address
+    ray.init(**kwargs)
+
+
+def train(shards: str | Path, out: str | Path, params: Params, *, fault: dict | None = None) -> dict:
+    """Run (or resume) every stage; returns the summary (also RUN_DIR/summary.json)."""
+    tp = params.train
+    family = get_family(tp)
+    stages = family.stages()
+    manifest = read_manifest(shards)
+    if tp.resolution > manifest["resolution"]:
+        raise ValueError(
+            f"train.resolution ({tp.resolution}) exceeds the shards' resolution ({manifest['resolution']}) in {shards}"
+        )
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    identity = {k: tp.model_dump(mode="json")[k] for k in _IDENTITY_KEYS}
+    summary_path = run_dir / SUMMARY
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("identity") != identity:
+            raise ValueError(
+                f"{run_dir} holds a run with different training parameters ({summary.get('identity')}); "
+                f"use a new --out or restore those parameters"
+            )
+    else:
+        summary = {"family": family.name, "identity": identity, "stages": {}, "final_checkpoint": None}
+    summary["data"] = {"shards": str(shards), "manifest_sha256": manifest_hash(shards)}
+    summary["params"] = params.model_dump(mode="json")
+    storage = storage_root(params, run_dir)
+    summary["storage"] = storage
+
+    prev = None
+    for stage in stages:
+        rec = summary["stages"].get(stage.name)
+        if rec and rec.get("done"):
+            log.info("stage %s already finished: %s", stage.name, rec["checkpoint"])
+            prev = rec["checkpoint"]
+            continue
+        resume = latest_checkpoint(storage, stage)
+        prev = run_one_stage(params, stage, shards, run_dir, storage, init=prev, resume=resume, fault=fault,
+                             summary=summary)
+        _write_json(summary_path, summary)
+    summary["final_checkpoint"] = prev
+    _write_json(summary_path, summary)
+    return summary
+
+
+def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, storage: str, *, init: str | None,
+                  resume: str | None, fault: dict | None, summary: dict) -> str:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(params)
+    tp = params.train
+    if resume:
+        log.info("stage %s: resuming from %s", stage.name, resume)
+    config = {
+        "params": tp.model_dump(mode="json"), "stage": stage.index, "shards": str(Path(shards).resolve()),
+        "run_dir": str(run_dir.resolve()), "init": init, "resume": resume, "fault": fault,
+        "threads": max(1, int(tp.cpus_per_worker)),
+    }
+    use_gpu = tp.gpus_per_worker > 0
+    resources = {"CPU": tp.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = tp.gpus_per_worker
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=tp.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=tp.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tp.checkpoints_to_keep),
+        ),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # ray.train.TrainingFailedError and friends: checkpoints so far are kept
+        raise RuntimeError(
+            f"stage {stage.name} failed after {tp.max_failures} restart(s); its checkpoints are kept in {storage} "
+            f"and a re-run resumes from the latest: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        ) from e
+    wall = time.perf_counter() - t0
+    if result.error is not None:
+        raise RuntimeError(f"stage {stage.name} failed: {result.error}")
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
+    ckpt = result.checkpoint.path
+    if "://" not in ckpt and not ckpt.startswith("/"):
+        ckpt = str(Path(ckpt).resolve())
+    m = result.metrics or {}
+    images = int(round(float(m.get("kimg", stage.kimg)) * 1000))
+    summary["stages"][stage.name] = {
+        "done": True, "index": stage.index, "resolution": stage.resolution, "checkpoint": ckpt,
+        "images_seen": images, "wall_time_s": round(wall, 2), "images_per_s": round(images / wall, 1) if wall else None,
+        "last_metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))},
+        "resumed_from": resume,
+    }
+    log.info("stage %s done in %.1fs: %s", stage.name, wall, ckpt)
+    return ckpt
+
+
+def load_generator(checkpoint: str | Path, device: str = "cpu"):
+    """The EMA generator of a checkpoint, with the family and stage that made it."""
+    from tasks.loop import checkpoint_dir
+    from tasks.params import TrainParams
+
+    with checkpoint_dir(str(checkpoint)) as d:
+        state = load_state(d)
+    tp = TrainParams.model_validate(state["params"])
+    family = get_family(tp)
+    stage = next((s for s in family.stages() if s.name == state["stage"]), None)
+    if stage is None:
+        raise ValueError(f"checkpoint stage {state['stage']} is not a stage of its own params")
+    modules = family.build(stage)
+    ema = {k: modules[k] for k in family.ema_modules}
+    for k, m in ema.items():
+        m.load_state_dict(state["ema"][k])
+        m.to(device).eval().requires_grad_(False)
+    return family, stage, ema, state
