@@ -90,6 +90,34 @@ def cmd_train(args: argparse.Namespace, params: Params) -> dict:
     }
 
 
+def cmd_evaluate(args: argparse.Namespace, params: Params) -> dict:
+    from tasks.evaluate import evaluate
+
+    ckpt = args.checkpoint or _final_checkpoint(params.train.out)
+    return evaluate(ckpt, params.data.shards, params.eval, out=args.out, progress=not args.quiet)
+
+
+def _final_checkpoint(run_dir: str) -> str:
+    from pathlib import Path
+
+    p = Path(run_dir) / "summary.json"
+    if not p.exists():
+        raise FileNotFoundError(f"no --checkpoint given and no {p}: train first or name a checkpoint")
+    ckpt = json.loads(p.read_text()).get("final_checkpoint")
+    if not ckpt:
+        raise ValueError(f"{p} has no final_checkpoint: the run has not finished")
+    return ckpt
+
+
+def cmd_fid(args: argparse.Namespace, params: Params) -> str:
+    from tasks.metrics import fid_between
+
+    r = fid_between(args.a, args.b, params.eval.protocol, workers=params.eval.workers,
+                    batch_size=params.eval.batch_size, split=params.eval.split)
+    log.info("FID %s vs %s (%s): %.4f", r["a"], r["b"], r["protocol"], r["fid"])
+    return f"{r['fid']:.6f}"
+
+
 def _kimg_per_stage(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     k = getattr(args, "kimg_per_stage", None)
     if k is not None:
@@ -128,6 +156,27 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
         ],
         "train every stage of a family (each stage one Ray Train job), resuming what exists",
     ),
+    "evaluate": (
+        cmd_evaluate,
+        [
+            _Flag("--data", "data.shards", help="shard folder with the reference split"),
+            _Flag("--num-samples", "eval.num_samples", int, "generated images"),
+            _Flag("--metrics", "eval.metrics", lambda v: [m.strip() for m in v.split(",") if m.strip()], "e.g. fid,kid,is"),
+            _Flag("--split", "eval.split", help="reference split (train or val)"),
+            _Flag("--protocol", "eval.protocol", help="tf1 (published) or clean"),
+            _Flag("--workers", "eval.workers", int, "Ray workers for feature extraction"),
+        ],
+        "FID/KID/IS of a checkpoint's EMA generator; the last stdout line is JSON",
+    ),
+    "fid": (
+        cmd_fid,
+        [
+            _Flag("--protocol", "eval.protocol", help="tf1 (published) or clean"),
+            _Flag("--split", "eval.split", help="split used for shard folders without ':split'"),
+            _Flag("--workers", "eval.workers", int, "Ray workers for feature extraction"),
+        ],
+        "FID between two image sets (image folder, shard folder[:split], or uint8 .npy); last line is the number",
+    ),
 }
 
 
@@ -146,10 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: final_checkpoint of train.out)")
+    p.add_argument("--out", default=None, help="write metrics.json (DVC), evaluation.json and samples.png here")
+
+
+def _fid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="image folder, shard folder (DIR or DIR:split) or uint8 .npy")
+    p.add_argument("b", help="image folder, shard folder (DIR or DIR:split) or uint8 .npy")
+
+
 EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "train": lambda p: p.add_argument(
         "--kimg-per-stage", type=float, default=None,
         help="thousands of images per stage (half transition, half stabilisation)"),
+    "evaluate": _evaluate_args,
+    "fid": _fid_args,
 }
 
 

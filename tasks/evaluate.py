@@ -1,0 +1,78 @@
+"""`ganforge evaluate`: FID / KID / IS of a checkpoint's EMA generator against a shard split."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.metrics import (
+    PROTOCOLS, ImageSet, _read_slice, extract_features, feature_stats, frechet_distance, inception_score_from_logits,
+    kernel_inception_distance, load_logits_model, reference_features, tf1_resize,
+)
+from tasks.params import EvalParams
+from tasks.shard import manifest_hash
+
+log = logging.getLogger("ganforge.evaluate")
+
+
+def _logits(s: ImageSet, model, batch: int) -> np.ndarray:
+    out = []
+    with torch.inference_mode():
+        for imgs in _read_slice(s, 0, s.count, batch):
+            x = tf1_resize(torch.from_numpy(imgs).permute(0, 3, 1, 2).float()) / 128.0 - 1.0
+            out.append(model(x).float().numpy())
+    return np.concatenate(out)
+
+
+def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | Path | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    if not checkpoint:
+        raise ValueError("no checkpoint to evaluate (train first, or pass --checkpoint)")
+    if not Path(checkpoint, "state.pt").exists() and "://" not in str(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found (no state.pt)")
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "protocol": ev.protocol, "protocol_description": PROTOCOLS[ev.protocol],
+        "num_samples": ev.num_samples, "seed": ev.seed,
+    }
+    ref = reference_features(shards, ev.split, ev.protocol, ev.cache_dir, workers=ev.workers,
+                             batch_size=ev.batch_size, progress=progress)
+    result["reference"] = {"shards": str(shards), "split": ev.split, "count": int(ref["count"]),
+                           "manifest_sha256": manifest_hash(shards), "cache": ref["cache"]}
+    gen = ImageSet("generator", str(checkpoint), count=ev.num_samples, seed=ev.seed)
+    fake = extract_features(gen, ev.protocol, workers=ev.workers, batch_size=ev.batch_size, progress=progress)
+    if "fid" in ev.metrics:
+        result["fid"] = frechet_distance(ref["mu"], ref["sigma"], *feature_stats(fake))
+    if "kid" in ev.metrics:
+        kid, kid_std, n = kernel_inception_distance(ref["features"], fake, ev.kid_subsets, ev.kid_subset_size, ev.seed)
+        result.update(kid=kid, kid_std=kid_std, kid_subset_size=n, kid_subsets=ev.kid_subsets)
+    if "is" in ev.metrics:
+        model, reason = load_logits_model(ev.inception_logits_path)
+        if model is None:
+            result.update({"is": None, "is_unavailable": reason})
+            log.warning("Inception Score unavailable: %s", reason)
+        else:
+            result["is"], result["is_std"] = inception_score_from_logits(_logits(gen, model, ev.batch_size), ev.is_splits)
+    if out is not None:
+        write_outputs(result, gen, Path(out))
+    return result
+
+
+def write_outputs(result: dict, gen: ImageSet, out: Path) -> None:
+    from tasks.loop import save_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    numbers = {k: result[k] for k in ("fid", "kid", "kid_std", "is", "is_std") if k in result}
+    metrics = {**numbers, "num_samples": result["num_samples"], "reference_count": result["reference"]["count"],
+               "protocol": result["protocol"], "split": result["reference"]["split"]}
+    for name, obj in (("metrics.json", metrics), ("evaluation.json", result)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        os.replace(tmp, out / name)
+    imgs = next(_read_slice(ImageSet("generator", gen.path, count=64, seed=gen.seed), 0, 64, 64))
+    save_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "samples.png", nrow=8)
