@@ -27,6 +27,8 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_metrics.py
 
 clean:
 	rm -rf data/shards runs mlruns mlartifacts mlflow.db .cache

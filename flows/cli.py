@@ -118,6 +118,58 @@ def cmd_fid(args: argparse.Namespace, params: Params) -> str:
     return f"{r['fid']:.6f}"
 
 
+def cmd_register(args: argparse.Namespace, params: Params) -> dict:
+    """Register a checkpoint (with its evaluation) as a new version, alias challenger, then apply the gate."""
+    from pathlib import Path
+
+    from tasks.registry import PromotionRefused, promote, register, start_pipeline_run
+    from tasks.shard import manifest_hash
+
+    ckpt = args.checkpoint or _final_checkpoint(params.train.out)
+    evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else None
+    run_id = args.run_id or start_pipeline_run(params, params.data.shards, run_name="register")
+    reg = register(ckpt, evaluation, params, run_id, data_sha256=manifest_hash(params.data.shards))
+    try:
+        decision = promote(reg["name"], reg["version"], params)
+    except PromotionRefused as e:
+        decision = {"promoted": False, "reason": str(e)}
+    return {"name": reg["name"], "version": reg["version"], "run_id": run_id, "promotion": decision}
+
+
+def cmd_promote(args: argparse.Namespace, params: Params) -> dict:
+    from tasks.registry import promote
+
+    name = args.model or params.registry.model_name or f"ganforge-{params.train.family}"
+    return promote(name, args.version, params, force=args.force)
+
+
+def cmd_models(args: argparse.Namespace, params: Params) -> str:
+    from tasks.registry import list_models
+
+    rows = list_models(params, args.model)
+    lines = [f"{'name':28} {'ver':>4} {'aliases':22} {'fid':>10} {'kid':>10} {'protocol':8} {'n':>6} decision"]
+    for r in rows:
+        fid = f"{float(r['fid']):.3f}" if r["fid"] else "-"
+        kid = f"{float(r['kid']):.4f}" if r["kid"] else "-"
+        lines.append(f"{r['name']:28} {r['version']:>4} {','.join(r['aliases']) or '-':22} {fid:>10} {kid:>10} "
+                     f"{r['protocol'] or '-':8} {r['num_samples'] or '-':>6} {r['decision'] or '-'}")
+    print("\n".join(lines))
+    return json.dumps(rows)
+
+
+def cmd_sample(args: argparse.Namespace, params: Params) -> dict:
+    import torch
+
+    from tasks.loop import save_grid
+    from tasks.registry import sample_registered, setup_mlflow
+
+    setup_mlflow(params.runtime)
+    imgs = sample_registered(args.model, list(range(args.seed, args.seed + args.n)), args.truncation)
+    nrow = max(1, int(round(args.n ** 0.5)))
+    save_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, args.out, nrow=nrow)
+    return {"model": args.model, "n": args.n, "out": args.out, "shape": list(imgs.shape)}
+
+
 def _kimg_per_stage(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     k = getattr(args, "kimg_per_stage", None)
     if k is not None:
@@ -177,6 +229,14 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
         ],
         "FID between two image sets (image folder, shard folder[:split], or uint8 .npy); last line is the number",
     ),
+    "register": (
+        cmd_register,
+        [_Flag("--data", "data.shards", help="shard folder the model was trained on")],
+        "register a checkpoint in the MLflow registry (alias challenger) and apply the champion gate",
+    ),
+    "promote": (cmd_promote, [], "apply the champion gate to a registered version (or --force it)"),
+    "models": (cmd_models, [], "list registered versions with metrics and aliases"),
+    "sample": (cmd_sample, [], "draw a grid of images from a registered model (models:/NAME@alias)"),
 }
 
 
@@ -205,13 +265,43 @@ def _fid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("b", help="image folder, shard folder (DIR or DIR:split) or uint8 .npy")
 
 
+def _register_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: final_checkpoint of train.out)")
+    p.add_argument("--evaluation", default=None, help="evaluation.json from `ganforge evaluate --out`")
+    p.add_argument("--run-id", default=None, help="MLflow run to log the model into (default: a new run)")
+
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="registered name (default: registry.model_name or ganforge-<family>)")
+    p.add_argument("--version", type=int, default=None, help="version (default: the challenger)")
+    p.add_argument("--force", action="store_true", help="override the gate (recorded as a tag)")
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="e.g. models:/ganforge-progan@champion")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="first seed; images use seeds seed..seed+n-1")
+    p.add_argument("--truncation", type=float, default=1.0, help="psi: latents are scaled by it")
+    p.add_argument("--out", default="grid.png")
+
+
 EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "register": _register_args,
+    "promote": _promote_args,
+    "models": lambda p: p.add_argument("--model", default=None, help="only this registered name"),
+    "sample": _sample_args,
     "train": lambda p: p.add_argument(
         "--kimg-per-stage", type=float, default=None,
         help="thousands of images per stage (half transition, half stabilisation)"),
     "evaluate": _evaluate_args,
     "fid": _fid_args,
 }
+
+
+def _refusal():
+    from tasks.registry import PromotionRefused
+
+    return PromotionRefused
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as e:
         print(f"ganforge {args.command}: {e}", file=sys.stderr)
         return 2
+    except _refusal() as e:
+        print(f"ganforge {args.command}: refused: {e}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         log.debug("failure", exc_info=True)
         print(f"ganforge {args.command}: error: {e}", file=sys.stderr)

@@ -285,6 +285,11 @@ def run_stage(config: dict, session=None) -> dict:
             metrics = {**last, "stage": stage.name, "step": step, "kimg": images / 1000,
                        "images_per_s": window_imgs / max(now - window_t, 1e-9)}
             window_t, window_imgs = now, 0
+            if rank == 0 and run_dir is not None:
+                # metrics history for MLflow (logged by the task after fit) and DVC plots
+                (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+                with open(run_dir / "metrics" / f"{stage.name}.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
             if rank == 0:
                 log.info("%s step %d kimg %.2f/%.1f alpha %.2f loss_d %.3f loss_g %.3f %.0f img/s", stage.name, step,
                          images / 1000, total / 1000, last.get("alpha", 1.0), last.get("loss_d", math.nan),

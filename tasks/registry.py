@@ -1,0 +1,333 @@
+"""MLflow tracking, the model registry and the promotion gate.
+
+- One MLflow run per pipeline run with a nested run per stage (params flattened,
+  git commit, data manifest hash, metric history with steps, sample grids, loss
+  curves), logged by the task after ``fit()`` from rank 0's history files.
+- The EMA generator is registered as a pyfunc model that loads offline and turns
+  seeds (and optional truncation psi, class labels) into uint8 images.
+- New versions get the ``challenger`` alias; ``champion`` moves only when FID,
+  measured with the same protocol, sample count and reference data, improves by
+  at least ``registry.min_improvement``. Decisions are written as tags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.params import Params, RuntimeParams
+
+log = logging.getLogger("ganforge.registry")
+
+COMPARABLE_TAGS = ("protocol", "num_samples", "reference_sha256", "reference_split", "reference_count")
+
+
+class PromotionRefused(ValueError):
+    """The gate refused to move the champion alias; the message says why."""
+
+
+def _retry(fn, *args, tries: int = 8, **kwargs):
+    """sqlite under parallel writers can report 'database is locked': retry with back-off."""
+    for i in range(tries):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            if "locked" not in str(e).lower() or i == tries - 1:
+                raise
+            time.sleep(0.2 * 2**i)
+
+
+def setup_mlflow(runtime: RuntimeParams) -> str:
+    """Point MLflow at the configured store and make sure the experiment exists (returns its id)."""
+    import mlflow
+
+    uri = runtime.mlflow_tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = _retry(mlflow.get_experiment_by_name, runtime.mlflow_experiment)
+    if exp is not None:
+        exp_id = exp.experiment_id
+    else:
+        root = runtime.mlflow_artifact_root
+        location = root if "://" in root else Path(root).resolve().as_uri()
+        try:
+            exp_id = _retry(mlflow.create_experiment, runtime.mlflow_experiment, artifact_location=location)
+        except Exception:  # noqa: BLE001 - another writer created it first
+            exp_id = mlflow.get_experiment_by_name(runtime.mlflow_experiment).experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)  # nested runs land beside their parent
+    return exp_id
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if not isinstance(v, (list, tuple)) else json.dumps(v)
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def read_history(run_dir: Path, stage: str) -> list[dict]:
+    """Rank 0's metric reports of a stage, the last one per step (a restarted attempt rewrites steps)."""
+    path = run_dir / "metrics" / f"{stage}.jsonl"
+    if not path.exists():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[int(rec["step"])] = rec
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def loss_curve_png(run_dir: Path, stages: list[str], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    offset = 0.0
+    any_data = False
+    for st in stages:
+        h = read_history(run_dir, st)
+        if not h:
+            continue
+        any_data = True
+        x = [offset + r["kimg"] for r in h]
+        ax.plot(x, [r.get("loss_d", np.nan) for r in h], color="tab:red", lw=1, label="loss_d" if offset == 0 else None)
+        ax.plot(x, [r.get("loss_g", np.nan) for r in h], color="tab:blue", lw=1, label="loss_g" if offset == 0 else None)
+        ax.axvline(offset, color="grey", lw=0.5)
+        ax.text(offset, ax.get_ylim()[1], st.split("-")[-1], fontsize=7, va="top")
+        offset = x[-1]
+    if not any_data:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("kimg (cumulative over stages)")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def log_training(summary: dict, run_dir: str | Path, params: Params, parent_run_id: str) -> None:
+    """Nested runs per stage with metric history, grids and the checkpoint location."""
+    import mlflow
+
+    run_dir = Path(run_dir)
+    with mlflow.start_run(run_id=parent_run_id):
+        for name, rec in summary["stages"].items():
+            with mlflow.start_run(run_name=name, nested=True):
+                mlflow.set_tags({"stage": name, "resolution": rec["resolution"], "checkpoint": rec["checkpoint"]})
+                mlflow.log_params({"stage_index": rec["index"], "resolution": rec["resolution"]})
+                for r in read_history(run_dir, name):
+                    mlflow.log_metrics({k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "step"},
+                                       step=int(r["step"]))
+                mlflow.log_metrics({"wall_time_s": rec["wall_time_s"], "stage_images_per_s": rec["images_per_s"] or 0})
+                for png in sorted((run_dir / "samples").glob(f"{name}-*.png")):
+                    mlflow.log_artifact(str(png), artifact_path="samples")
+        curve = loss_curve_png(run_dir, list(summary["stages"]), run_dir / "loss_curves.png")
+        if curve:
+            mlflow.log_artifact(str(curve), artifact_path="plots")
+
+
+def start_pipeline_run(params: Params, shards: str | Path, run_name: str | None = None) -> str:
+    import mlflow
+
+    from tasks.shard import manifest_hash
+
+    exp_id = setup_mlflow(params.runtime)
+    run = _retry(mlflow.start_run, experiment_id=exp_id, run_name=run_name)
+    try:
+        mlflow.log_params(flatten(params.model_dump(mode="json")))
+        tags = {"ganforge.family": params.train.family, "data.manifest_sha256": manifest_hash(shards),
+                "data.shards": str(shards)}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        mlflow.set_tags(tags)
+    finally:
+        mlflow.end_run()
+    return run.info.run_id
+
+
+# ----------------------------------------------------------------------------- the pyfunc model
+
+def _python_model_class():
+    import mlflow.pyfunc
+
+    class _Generator(mlflow.pyfunc.PythonModel):
+        """Seeds (+ optional truncation psi, label) -> uint8 images N x H x W x 3."""
+
+        def load_context(self, context):
+            from tasks.train import load_generator
+
+            self.family, self.stage, self.ema, _ = load_generator(context.artifacts["checkpoint"])
+
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+            import torch
+
+            from tasks.metrics import quantize
+
+            df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+            if "seed" not in df:
+                raise ValueError("input needs a 'seed' column (one image per seed)")
+            psi = df["truncation"].fillna(1.0).to_numpy(float) if "truncation" in df else np.ones(len(df))
+            z = torch.stack([torch.randn(self.family.latent_dim, generator=torch.Generator().manual_seed(int(s)))
+                             for s in df["seed"]]) * torch.tensor(psi, dtype=torch.float32)[:, None]
+            return quantize(self.family.generate(self.ema, z, self.stage)).numpy()
+
+    return _Generator
+
+
+def sample_registered(model_uri: str, seeds: list[int], truncation: float = 1.0) -> np.ndarray:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    return np.asarray(model.predict(pd.DataFrame({"seed": seeds, "truncation": [truncation] * len(seeds)})))
+
+
+def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: str, *, data_sha256: str) -> dict:
+    """Log the EMA generator as a pyfunc in ``run_id``, register a new version, alias it challenger, tag it."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    setup_mlflow(params.runtime)
+    name = params.registry.model_name or f"ganforge-{params.train.family}"
+    import torch
+
+    from tasks.metrics import quantize
+    from tasks.train import load_generator
+
+    example = pd.DataFrame({"seed": [0, 1], "truncation": [1.0, 0.7]})
+    family, stage, ema, _ = load_generator(checkpoint)
+    z = torch.stack([torch.randn(family.latent_dim, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    out_example = quantize(family.generate(ema, z, stage)).numpy()
+    signature = infer_signature(example, out_example)
+    with mlflow.start_run(run_id=run_id):
+        info = _retry(
+            mlflow.pyfunc.log_model, name="generator", python_model=_python_model_class()(),
+            artifacts={"checkpoint": str(checkpoint)}, signature=signature, input_example=example,
+            pip_requirements=["ganforge", "torch==2.14.1", "torchvision==0.29.1"],
+        )
+    client = MlflowClient()
+    try:
+        _retry(client.create_registered_model, name)
+    except Exception as e:  # noqa: BLE001
+        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            raise
+    mv = _retry(client.create_model_version, name, info.model_uri, run_id=run_id)
+    tags = {"run_id": run_id, "data_sha256": data_sha256, "checkpoint": str(checkpoint),
+            "family": params.train.family, "resolution": str(stage.resolution)}
+    if evaluation:
+        tags.update({
+            "protocol": evaluation["protocol"], "num_samples": str(evaluation["num_samples"]),
+            "reference_sha256": evaluation["reference"]["manifest_sha256"],
+            "reference_split": evaluation["reference"]["split"],
+            "reference_count": str(evaluation["reference"]["count"]),
+        })
+        for k in ("fid", "kid", "kid_std", "is"):
+            if evaluation.get(k) is not None:
+                tags[k] = repr(float(evaluation[k]))
+    for k, v in tags.items():
+        _retry(client.set_model_version_tag, name, mv.version, k, v)
+    _retry(client.set_registered_model_alias, name, params.registry.challenger_alias, mv.version)
+    log.info("registered %s version %s (alias %s)", name, mv.version, params.registry.challenger_alias)
+    return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}", "tags": tags}
+
+
+def promote(name: str, version: int | None, params: Params, *, force: bool = False) -> dict:
+    """Apply the champion gate to ``version`` (default: the challenger)."""
+    from mlflow import MlflowClient
+
+    setup_mlflow(params.runtime)
+    client = MlflowClient()
+    reg = params.registry
+    if version is None:
+        try:
+            version = int(client.get_model_version_by_alias(name, reg.challenger_alias).version)
+        except Exception as e:  # noqa: BLE001
+            raise PromotionRefused(f"{name} has no '{reg.challenger_alias}' version to promote: {e}") from None
+    mv = client.get_model_version(name, str(version))
+    tags = mv.tags
+    try:
+        champ = client.get_model_version_by_alias(name, reg.champion_alias)
+    except Exception:  # noqa: BLE001 - no champion yet
+        champ = None
+    decision: dict[str, Any] = {"name": name, "version": int(version), "forced": force,
+                                "candidate_fid": float(tags["fid"]) if "fid" in tags else None,
+                                "champion_version": int(champ.version) if champ else None,
+                                "champion_fid": float(champ.tags["fid"]) if champ and "fid" in champ.tags else None}
+
+    def record(ok: bool, reason: str) -> dict:
+        decision.update(promoted=ok, reason=reason)
+        for k, v in {"promotion.decision": "promoted" if ok else "refused", "promotion.reason": reason,
+                     "promotion.forced": str(force), "promotion.champion_fid_before": str(decision["champion_fid"])}.items():
+            _retry(client.set_model_version_tag, name, str(version), k, v)
+        if ok:
+            _retry(client.set_registered_model_alias, name, reg.champion_alias, str(version))
+        log.info("promotion of %s v%s: %s (%s)", name, version, "promoted" if ok else "refused", reason)
+        return decision
+
+    if force:
+        return record(True, "forced by the user")
+    if decision["candidate_fid"] is None:
+        record(False, "version has no FID: evaluate it before promotion")
+        raise PromotionRefused(f"{name} version {version} has no FID metric: evaluate it before promotion")
+    if champ is None:
+        return record(True, "first eligible version becomes champion")
+    if int(champ.version) == int(version):
+        return record(True, "already champion")
+    mismatch = [k for k in COMPARABLE_TAGS if champ.tags.get(k) != tags.get(k)]
+    if mismatch:
+        reason = "not comparable with the champion: " + ", ".join(
+            f"{k} {tags.get(k)!r} vs {champ.tags.get(k)!r}" for k in mismatch)
+        return record(False, reason)
+    gain = decision["champion_fid"] - decision["candidate_fid"]
+    if gain >= reg.min_improvement and gain > 0:
+        return record(True, f"FID {decision['candidate_fid']:.4f} beats champion {decision['champion_fid']:.4f} "
+                            f"by {gain:.4f} (>= {reg.min_improvement})")
+    return record(False, f"FID {decision['candidate_fid']:.4f} does not beat champion {decision['champion_fid']:.4f} "
+                         f"by at least {reg.min_improvement}")
+
+
+def list_models(params: Params, name: str | None = None) -> list[dict]:
+    from mlflow import MlflowClient
+
+    setup_mlflow(params.runtime)
+    client = MlflowClient()
+    names = [name] if name else [m.name for m in client.search_registered_models()]
+    rows = []
+    for n in names:
+        aliases = client.get_registered_model(n).aliases  # alias -> version
+        for mv in client.search_model_versions(f"name='{n}'"):
+            rows.append({"name": n, "version": int(mv.version),
+                         "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
+                         "fid": mv.tags.get("fid"), "kid": mv.tags.get("kid"), "protocol": mv.tags.get("protocol"),
+                         "num_samples": mv.tags.get("num_samples"), "decision": mv.tags.get("promotion.decision"),
+                         "run_id": mv.run_id})
+    return sorted(rows, key=lambda r: (r["name"], r["version"]))

@@ -1,0 +1,112 @@
+"""Real MLflow on sqlite in a temp folder: tracking, registry, pyfunc round trip, the promotion gate."""
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.loop import LocalSession, run_stage
+from tasks.params import DataParams, Params
+from tasks.registry import PromotionRefused, list_models, log_training, promote, register, sample_registered, start_pipeline_run
+from tasks.shard import manifest_hash, shard
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reg")
+    shards = root / "shards"
+    shard("synthetic:shapes:32", shards, DataParams(resolution=8, workers=1), progress=False)
+    p = Params.model_validate({
+        "train": dict(resolution=8, batch_size=8, checkpoint_kimg=0.032, log_every=2,
+                      progan=dict(fmap_max=16, fmap_base=64, latent_dim=16, start_resolution=8, stabilize_kimg=0.064)),
+        "runtime": dict(mlflow_tracking_uri=f"sqlite:///{root}/mlflow.db", mlflow_artifact_root=str(root / "art")),
+        "registry": dict(model_name="test-gen", min_improvement=0.5),
+    })
+    run_dir = root / "run"
+    s = LocalSession(root / "ckpts")
+    run_stage({"params": p.train.model_dump(mode="json"), "stage": 0, "shards": str(shards), "run_dir": str(run_dir)}, s)
+    return p, shards, s.checkpoints[-1], run_dir
+
+
+def _eval(fid, shards, protocol="tf1", n=100):
+    return {"fid": fid, "kid": 0.01, "protocol": protocol, "num_samples": n,
+            "reference": {"manifest_sha256": manifest_hash(shards), "split": "val", "count": 4}}
+
+
+def test_tracking_nested_runs_with_history(setup):
+    import mlflow
+
+    p, shards, ckpt, run_dir = setup
+    run_id = start_pipeline_run(p, shards, "t")
+    summary = {"stages": {"progan-r0008": {"index": 0, "resolution": 8, "checkpoint": ckpt, "wall_time_s": 1.0,
+                                           "images_per_s": 10.0}}}
+    log_training(summary, run_dir, p, run_id)
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.params["train.progan.lr"] == "0.001" and run.data.tags["data.manifest_sha256"] == manifest_hash(shards)
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    assert len(children) == 1
+    hist = client.get_metric_history(children[0].info.run_id, "loss_d")
+    assert len(hist) >= 3 and sorted(h.step for h in hist) == [h.step for h in sorted(hist, key=lambda h: h.step)]
+    arts = [a.path for a in client.list_artifacts(children[0].info.run_id, "samples")]
+    assert arts and all(a.endswith(".png") for a in arts)
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/loss_curves.png"]
+
+
+def test_register_load_and_gate(setup):
+    p, shards, ckpt, _ = setup
+    run_id = start_pipeline_run(p, shards, "reg")
+    with pytest.raises(PromotionRefused, match="no FID"):
+        v0 = register(ckpt, None, p, run_id, data_sha256="x")
+        promote("test-gen", v0["version"], p)
+    v1 = register(ckpt, _eval(30.0, shards), p, run_id, data_sha256="x")
+    imgs = sample_registered("models:/test-gen@challenger", [0, 1, 2])
+    assert imgs.dtype == np.uint8 and imgs.shape == (3, 8, 8, 3)
+    again = sample_registered(f"models:/test-gen/{v1['version']}", [0, 1, 2])
+    assert np.array_equal(imgs, again), "seeds map to images deterministically"
+    d1 = promote("test-gen", v1["version"], p)
+    assert d1["promoted"] and "first eligible" in d1["reason"]
+    v2 = register(ckpt, _eval(29.8, shards), p, run_id, data_sha256="x")  # better, but by less than 0.5
+    d2 = promote("test-gen", None, p)  # the challenger
+    assert d2["version"] == v2["version"] and not d2["promoted"] and "at least 0.5" in d2["reason"]
+    v3 = register(ckpt, _eval(20.0, shards), p, run_id, data_sha256="x")
+    assert promote("test-gen", v3["version"], p)["promoted"]
+    v4 = register(ckpt, _eval(5.0, shards, n=50), p, run_id, data_sha256="x")  # different sample count
+    d4 = promote("test-gen", v4["version"], p)
+    assert not d4["promoted"] and "num_samples" in d4["reason"]
+    d5 = promote("test-gen", v2["version"], p, force=True)
+    assert d5["promoted"] and d5["forced"]
+    rows = {r["version"]: r for r in list_models(p, "test-gen")}
+    assert rows[v2["version"]]["aliases"] == ["champion"] and rows[v4["version"]]["aliases"] == ["challenger"]
+    assert rows[v4["version"]]["decision"] == "refused" and rows[v3["version"]]["fid"] == repr(20.0)
+    from mlflow import MlflowClient
+
+    assert MlflowClient().get_model_version("test-gen", str(v2["version"])).tags["promotion.forced"] == "True"
+
+
+def _register_in_process(args):
+    p_json, ckpt, q = args
+    p = Params.model_validate(json.loads(p_json))
+    run_id = start_pipeline_run(p, p.data.shards, "concurrent")
+    q.put(register(ckpt, None, p, run_id, data_sha256="c")["version"])
+
+
+def test_concurrent_registration(setup, tmp_path):
+    p, shards, ckpt, _ = setup
+    p2 = p.model_copy(deep=True)
+    p2.data.shards = str(shards)
+    p2.registry.model_name = "concurrent-gen"
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_register_in_process, args=((p2.model_dump_json(), ckpt, q),)) for _ in range(2)]
+    for pr in procs:
+        pr.start()
+    for pr in procs:
+        pr.join(240)
+    assert all(pr.exitcode == 0 for pr in procs)
+    versions = sorted(q.get(timeout=5) for _ in procs)
+    assert versions == [1, 2]
