@@ -170,6 +170,29 @@ def cmd_sample(args: argparse.Namespace, params: Params) -> dict:
     return {"model": args.model, "n": args.n, "out": args.out, "shape": list(imgs.shape)}
 
 
+def cmd_pipeline(args: argparse.Namespace, params: Params) -> dict:
+    from flows.pipeline import train_pipeline
+
+    r = train_pipeline(params=params)
+    print(
+        f"\n== ganforge pipeline done ==\n"
+        f"  samples grid : {r['grid']}\n"
+        f"  FID          : {r['fid']:.3f} ({r['protocol']}, {r['num_samples']} samples)\n"
+        f"  KID          : {r['kid']}\n"
+        f"  model        : {r['model']} version {r['version']} "
+        f"({'champion' if r['promoted'] else 'challenger'}: {r['decision']})\n"
+        f"  checkpoint   : {r['final_checkpoint']}\n"
+        f"  MLflow UI    : make mlflow-ui   (run {r['mlflow_run_id']})\n"
+    )
+    return r
+
+
+def cmd_serve(args: argparse.Namespace, params: Params) -> None:
+    from flows.deploy import serve
+
+    serve(params, cron=args.cron, interval=args.interval)
+
+
 def _kimg_per_stage(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     k = getattr(args, "kimg_per_stage", None)
     if k is not None:
@@ -235,6 +258,8 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
         "register a checkpoint in the MLflow registry (alias challenger) and apply the champion gate",
     ),
     "promote": (cmd_promote, [], "apply the champion gate to a registered version (or --force it)"),
+    "pipeline": (cmd_pipeline, [], "run the whole Prefect flow: shard -> stages -> evaluate -> register -> promote"),
+    "serve": (cmd_serve, [], "serve Prefect deployments of the three flows (schedules optional) for the UI"),
     "models": (cmd_models, [], "list registered versions with metrics and aliases"),
     "sample": (cmd_sample, [], "draw a grid of images from a registered model (models:/NAME@alias)"),
 }
@@ -285,7 +310,13 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="grid.png")
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cron", default=None, help="cron schedule for train-pipeline, e.g. '0 3 * * *'")
+    p.add_argument("--interval", type=float, default=None, help="interval schedule for train-pipeline, seconds")
+
+
 EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "serve": _serve_args,
     "register": _register_args,
     "promote": _promote_args,
     "models": lambda p: p.add_argument("--model", default=None, help="only this registered name"),

@@ -86,11 +86,10 @@ def init_ray(params: Params) -> None:
     ray.init(**kwargs)
 
 
-def train(shards: str | Path, out: str | Path, params: Params, *, fault: dict | None = None) -> dict:
-    """Run (or resume) every stage; returns the summary (also RUN_DIR/summary.json)."""
+def _open_run(shards: str | Path, out: str | Path, params: Params) -> tuple[Path, dict, str]:
+    """Validate shards vs params, load or start RUN_DIR/summary.json, refuse a mismatched run."""
     tp = params.train
     family = get_family(tp)
-    stages = family.stages()
     manifest = read_manifest(shards)
     if tp.resolution > manifest["resolution"]:
         raise ValueError(
@@ -114,25 +113,57 @@ def train(shards: str | Path, out: str | Path, params: Params, *, fault: dict | 
     summary["params"] = params.model_dump(mode="json")
     storage = storage_root(params, run_dir)
     summary["storage"] = storage
+    return run_dir, summary, storage
 
+
+def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index: int, *,
+                init: str | None = None, fault: dict | None = None, on_progress=None) -> dict:
+    """Run (or skip, when finished, or resume, when interrupted) one stage; returns its summary record.
+
+    ``init``: the previous stage's final checkpoint (default: from summary.json).
+    """
+    run_dir, summary, storage = _open_run(shards, out, params)
+    stage = get_family(params.train).stages()[stage_index]
+    rec = summary["stages"].get(stage.name)
+    if rec and rec.get("done"):
+        log.info("stage %s already finished: %s", stage.name, rec["checkpoint"])
+        return rec
+    if init is None and stage_index > 0:
+        prev = get_family(params.train).stages()[stage_index - 1]
+        prev_rec = summary["stages"].get(prev.name)
+        if not prev_rec or not prev_rec.get("done"):
+            raise ValueError(f"stage {stage.name} needs stage {prev.name} to have finished first")
+        init = prev_rec["checkpoint"]
+    resume = latest_checkpoint(storage, stage)
+    run_one_stage(params, stage, shards, run_dir, storage, init=init, resume=resume, fault=fault, summary=summary,
+                  on_progress=on_progress)
+    last = get_family(params.train).stages()[-1]
+    if stage.name == last.name:
+        summary["final_checkpoint"] = summary["stages"][stage.name]["checkpoint"]
+    # re-read and merge: another stage task may have written meanwhile
+    path = run_dir / SUMMARY
+    if path.exists():
+        on_disk = json.loads(path.read_text())
+        on_disk["stages"].update(summary["stages"])
+        summary["stages"] = on_disk["stages"]
+    _write_json(path, summary)
+    return summary["stages"][stage.name]
+
+
+def train(shards: str | Path, out: str | Path, params: Params, *, fault: dict | None = None) -> dict:
+    """Run (or resume) every stage in order; returns the summary (also RUN_DIR/summary.json)."""
+    stages = get_family(params.train).stages()
     prev = None
     for stage in stages:
-        rec = summary["stages"].get(stage.name)
-        if rec and rec.get("done"):
-            log.info("stage %s already finished: %s", stage.name, rec["checkpoint"])
-            prev = rec["checkpoint"]
-            continue
-        resume = latest_checkpoint(storage, stage)
-        prev = run_one_stage(params, stage, shards, run_dir, storage, init=prev, resume=resume, fault=fault,
-                             summary=summary)
-        _write_json(summary_path, summary)
+        prev = train_stage(shards, out, params, stage.index, init=prev, fault=fault)["checkpoint"]
+    summary = json.loads((Path(out) / SUMMARY).read_text())
     summary["final_checkpoint"] = prev
-    _write_json(summary_path, summary)
+    _write_json(Path(out) / SUMMARY, summary)
     return summary
 
 
 def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, storage: str, *, init: str | None,
-                  resume: str | None, fault: dict | None, summary: dict) -> str:
+                  resume: str | None, fault: dict | None, summary: dict, on_progress=None) -> str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -162,7 +193,7 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
     )
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = _fit_with_progress(trainer, run_dir, stage, on_progress)
     except Exception as e:  # ray.train.TrainingFailedError and friends: checkpoints so far are kept
         raise RuntimeError(
             f"stage {stage.name} failed after {tp.max_failures} restart(s); its checkpoints are kept in {storage} "
@@ -186,6 +217,36 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
     }
     log.info("stage %s done in %.1fs: %s", stage.name, wall, ckpt)
     return ckpt
+
+
+def _fit_with_progress(trainer, run_dir: Path, stage: StageSpec, on_progress):
+    """trainer.fit(), calling ``on_progress(fraction)`` from rank 0's metric history while it runs."""
+    if on_progress is None:
+        return trainer.fit()
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    th = threading.Thread(target=target, name=f"fit-{stage.name}", daemon=True)
+    th.start()
+    hist = run_dir / "metrics" / f"{stage.name}.jsonl"
+    while th.is_alive():
+        th.join(5.0)
+        try:
+            last = hist.read_text().strip().splitlines()[-1]
+            on_progress(min(1.0, json.loads(last)["kimg"] / stage.kimg))
+        except (OSError, IndexError, ValueError, KeyError):
+            pass
+    if "error" in box:
+        raise box["error"]
+    on_progress(1.0)
+    return box["result"]
 
 
 def load_generator(checkpoint: str | Path, device: str = "cpu"):
