@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench repro mlflow-ui prefect-ui clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# digits -> shards -> ProGAN 4..32 on local Ray -> FID/KID -> MLflow registry + champion gate,
+# orchestrated by a Prefect flow on its embedded local server.
 demo: install
-	$(BIN)/ganforge shard
-	@echo "shards written to data/shards (see data/shards/manifest.json)"
+	$(BIN)/ganforge pipeline
 
 test: install
 	$(BIN)/pytest -q
@@ -29,6 +30,16 @@ bench: install
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_metrics.py
+
+# the same stages through DVC (dvc.yaml); needs a git repository
+repro: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+prefect-ui: install
+	$(BIN)/prefect server start --host 127.0.0.1
 
 clean:
 	rm -rf data/shards runs mlruns mlartifacts mlflow.db .cache

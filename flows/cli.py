@@ -80,8 +80,18 @@ def cmd_shard(args: argparse.Namespace, params: Params) -> dict:
 
 
 def cmd_train(args: argparse.Namespace, params: Params) -> dict:
-    from tasks.train import train
+    from tasks.train import train, train_stage
 
+    if args.stage_resolution is not None:
+        from models.base import get_family
+
+        stages = get_family(params.train).stages()
+        match = [s for s in stages if s.resolution == args.stage_resolution]
+        if not match:
+            raise ValueError(f"--stage-resolution {args.stage_resolution} is not a stage of these params "
+                             f"(stages: {', '.join(str(s.resolution) for s in stages)}); keep dvc.yaml in sync")
+        rec = train_stage(params.data.shards, params.train.out, params, match[0].index, init=args.init or None)
+        return {"stage": match[0].name, "checkpoint": rec["checkpoint"], "images_seen": rec["images_seen"]}
     summary = train(params.data.shards, params.train.out, params)
     return {
         "out": params.train.out,
@@ -310,6 +320,14 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="grid.png")
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kimg-per-stage", type=float, default=None,
+                   help="thousands of images per stage (half transition, half stabilisation)")
+    p.add_argument("--stage-resolution", type=int, default=None,
+                   help="run only the stage at this resolution (what each dvc.yaml train stage calls)")
+    p.add_argument("--init", default=None, help="with --stage-resolution: the previous stage's checkpoint dir")
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cron", default=None, help="cron schedule for train-pipeline, e.g. '0 3 * * *'")
     p.add_argument("--interval", type=float, default=None, help="interval schedule for train-pipeline, seconds")
@@ -321,9 +339,7 @@ EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "promote": _promote_args,
     "models": lambda p: p.add_argument("--model", default=None, help="only this registered name"),
     "sample": _sample_args,
-    "train": lambda p: p.add_argument(
-        "--kimg-per-stage", type=float, default=None,
-        help="thousands of images per stage (half transition, half stabilisation)"),
+    "train": _train_args,
     "evaluate": _evaluate_args,
     "fid": _fid_args,
 }

@@ -61,9 +61,8 @@ def source_fingerprint(source: str) -> str:
 
 def _shard_key(ctx, args: dict) -> str:
     params: Params = args["params"]
-    out = Path(params.data.shards)
     return "shard-" + _sha([params.data.model_dump(mode="json"), source_fingerprint(params.data.source),
-                            _file_sha(out / "manifest.json")])
+                            str(Path(params.data.shards).resolve())])
 
 
 def _stage_key(ctx, args: dict) -> str:
@@ -177,7 +176,9 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     params = resolve(params, overrides)
     logger = get_run_logger()
     init_ray(params)
-    shards = shard_task(params)
+    # a cached result is only valid while its output exists: recompute when the shards are gone
+    missing = not (Path(params.data.shards) / "manifest.json").exists()
+    shards = shard_task.with_options(refresh_cache=missing)(params)
     prev = None
     stage_recs = []
     for st in get_family(params.train).stages():

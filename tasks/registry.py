@@ -216,8 +216,16 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
+    from mlflow import MlflowClient as _Client
+
     setup_mlflow(params.runtime)
     name = params.registry.model_name or f"ganforge-{params.train.family}"
+    fid = repr(float(evaluation["fid"])) if evaluation and evaluation.get("fid") is not None else None
+    for mv in _existing_versions(_Client(), name):
+        if mv.tags.get("checkpoint") == str(checkpoint) and mv.tags.get("fid") == fid:
+            log.info("%s version %s already holds %s with these metrics: not registering again", name, mv.version, checkpoint)
+            return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}",
+                    "tags": dict(mv.tags), "existing": True}
     import torch
 
     from tasks.metrics import quantize
@@ -258,6 +266,13 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
     _retry(client.set_registered_model_alias, name, params.registry.challenger_alias, mv.version)
     log.info("registered %s version %s (alias %s)", name, mv.version, params.registry.challenger_alias)
     return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}", "tags": tags}
+
+
+def _existing_versions(client, name: str) -> list:
+    try:
+        return list(client.search_model_versions(f"name='{name}'"))
+    except Exception:  # noqa: BLE001 - no such model yet
+        return []
 
 
 def promote(name: str, version: int | None, params: Params, *, force: bool = False) -> dict:

@@ -127,6 +127,7 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
     rec = summary["stages"].get(stage.name)
     if rec and rec.get("done"):
         log.info("stage %s already finished: %s", stage.name, rec["checkpoint"])
+        export_stage(run_dir, stage.name, rec)
         return rec
     if init is None and stage_index > 0:
         prev = get_family(params.train).stages()[stage_index - 1]
@@ -134,9 +135,14 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
         if not prev_rec or not prev_rec.get("done"):
             raise ValueError(f"stage {stage.name} needs stage {prev.name} to have finished first")
         init = prev_rec["checkpoint"]
+    if init and "://" not in str(init):
+        if not Path(init, STATE).exists():
+            raise FileNotFoundError(f"initial checkpoint {init} (previous stage) has no {STATE}")
+        init = str(Path(init).resolve())  # Ray workers run in their own working directory
     resume = latest_checkpoint(storage, stage)
     run_one_stage(params, stage, shards, run_dir, storage, init=init, resume=resume, fault=fault, summary=summary,
                   on_progress=on_progress)
+    export_stage(run_dir, stage.name, summary["stages"][stage.name])
     last = get_family(params.train).stages()[-1]
     if stage.name == last.name:
         summary["final_checkpoint"] = summary["stages"][stage.name]["checkpoint"]
@@ -148,6 +154,34 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
         summary["stages"] = on_disk["stages"]
     _write_json(path, summary)
     return summary["stages"][stage.name]
+
+
+def export_stage(run_dir: Path, stage_name: str, rec: dict) -> Path:
+    """A fixed-path copy of a stage's final checkpoint (RUN_DIR/stages/<stage>) and its loss history as
+    CSV (RUN_DIR/plots/<stage>.csv): what DVC tracks as the stage's outputs and plots."""
+    import csv
+    import shutil
+
+    from tasks.loop import checkpoint_dir
+    from tasks.registry import read_history
+
+    dst = run_dir / "stages" / stage_name
+    if not (dst / STATE).exists() or json.loads((dst / "meta.json").read_text()).get("images_in_stage") != rec["images_seen"]:
+        tmp = dst.with_name(f".{stage_name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with checkpoint_dir(rec["checkpoint"]) as d:
+            shutil.copytree(d, tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    hist = read_history(run_dir, stage_name)
+    if hist:
+        (run_dir / "plots").mkdir(exist_ok=True)
+        keys = ["step", "kimg", "alpha", "loss_d", "loss_g", "penalty", "images_per_s"]
+        with open(run_dir / "plots" / f"{stage_name}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(hist)
+    return dst
 
 
 def train(shards: str | Path, out: str | Path, params: Params, *, fault: dict | None = None) -> dict:
@@ -169,6 +203,9 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
 
     init_ray(params)
     tp = params.train
+    if fault is None and os.environ.get("GANFORGE_INJECT_FAILURE"):
+        # test hook: kill one worker once at a given stage/step/rank (see tests/)
+        fault = json.loads(os.environ["GANFORGE_INJECT_FAILURE"])
     if resume:
         log.info("stage %s: resuming from %s", stage.name, resume)
     config = {

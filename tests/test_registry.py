@@ -83,16 +83,19 @@ def test_register_load_and_gate(setup):
     rows = {r["version"]: r for r in list_models(p, "test-gen")}
     assert rows[v2["version"]]["aliases"] == ["champion"] and rows[v4["version"]]["aliases"] == ["challenger"]
     assert rows[v4["version"]]["decision"] == "refused" and rows[v3["version"]]["fid"] == repr(20.0)
+    # the same checkpoint with the same metrics is not registered twice
+    again = register(ckpt, _eval(20.0, shards), p, run_id, data_sha256="x")
+    assert again["version"] == v3["version"] and again.get("existing")
     from mlflow import MlflowClient
 
     assert MlflowClient().get_model_version("test-gen", str(v2["version"])).tags["promotion.forced"] == "True"
 
 
 def _register_in_process(args):
-    p_json, ckpt, q = args
+    p_json, ckpt, fid, q = args
     p = Params.model_validate(json.loads(p_json))
     run_id = start_pipeline_run(p, p.data.shards, "concurrent")
-    q.put(register(ckpt, None, p, run_id, data_sha256="c")["version"])
+    q.put(register(ckpt, _eval(fid, p.data.shards), p, run_id, data_sha256="c")["version"])
 
 
 def test_concurrent_registration(setup, tmp_path):
@@ -102,7 +105,7 @@ def test_concurrent_registration(setup, tmp_path):
     p2.registry.model_name = "concurrent-gen"
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_register_in_process, args=((p2.model_dump_json(), ckpt, q),)) for _ in range(2)]
+    procs = [ctx.Process(target=_register_in_process, args=((p2.model_dump_json(), ckpt, 10.0 + i, q),)) for i in range(2)]
     for pr in procs:
         pr.start()
     for pr in procs:

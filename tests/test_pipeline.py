@@ -1,0 +1,97 @@
+"""The Prefect flow on the Prefect test harness with real Ray (CPU), real MLflow (sqlite) and tiny data:
+a full run, a second run that hits the caches, and a run interrupted inside a stage (a worker killed,
+no Ray-level restarts) that the stage task's retry resumes from the latest checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.params import Params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny(tmp_path: Path, name: str, **train) -> Params:
+    t = dict(out=str(tmp_path / name), resolution=8, workers=2, batch_size=16, checkpoint_kimg=0.032, log_every=2,
+             max_failures=0, progan=dict(fmap_max=16, fmap_base=64, latent_dim=16, transition_kimg=0.064,
+                                         stabilize_kimg=0.032))
+    t.update(train)
+    return Params.model_validate({
+        "data": dict(source="synthetic:shapes:48", shards=str(tmp_path / "shards"), resolution=8, workers=1),
+        "train": t,
+        "eval": dict(num_samples=8, kid_subsets=3, workers=1, cache_dir=str(tmp_path / "cache")),
+        "runtime": dict(mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", mlflow_artifact_root=str(tmp_path / "art")),
+    })
+
+
+def _task_states(flow_run_id):
+    from prefect import get_client
+    import anyio
+
+    async def go():
+        async with get_client() as c:
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+            runs = await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {r.name: r.state.name for r in runs}
+
+    return anyio.run(go)
+
+
+def test_flow_full_run_then_cached_rerun(harness, tmp_path):
+    from flows.pipeline import train_pipeline
+
+    p = tiny(tmp_path, "run")
+    state = train_pipeline(params=p, return_state=True)
+    r = state.result()
+    assert r["fid"] > 0 and r["version"] == 1 and r["promoted"] and Path(r["grid"]).exists()
+    first = _task_states(state.state_details.flow_run_id)
+    assert all(v == "Completed" for v in first.values()), first
+    state2 = train_pipeline(params=p, return_state=True)
+    second = _task_states(state2.state_details.flow_run_id)
+    cached = {k for k, v in second.items() if v == "Cached"}
+    expected = {k for k in second if k.startswith(("shard", "train-stage"))}
+    assert cached == expected and len(expected) == 3, second
+    r2 = state2.result()
+    assert r2["version"] == 1, "the same checkpoint with the same metrics is not registered twice"
+
+
+def test_flow_interrupted_stage_resumes(harness, tmp_path):
+    import os
+
+    from flows.pipeline import train_pipeline
+
+    p = tiny(tmp_path, "crash")
+    marker = tmp_path / "killed"
+    os.environ["GANFORGE_INJECT_FAILURE"] = json.dumps(
+        {"stage": "progan-r0008", "step": 5, "rank": 0, "marker": str(marker)})
+    try:
+        state = train_pipeline(params=p, return_state=True)
+    finally:
+        del os.environ["GANFORGE_INJECT_FAILURE"]
+    # the stage task's retry (with back-off) resumes the interrupted stage from its latest checkpoint
+    assert state.is_completed() and marker.exists()
+    r = state.result()
+    summary = json.loads((Path(p.train.out) / "summary.json").read_text())
+    rec = summary["stages"]["progan-r0008"]
+    assert rec["resumed_from"] and rec["resumed_from"].endswith("ckpt-0000000064")
+    assert r["final_checkpoint"] == rec["checkpoint"] and rec["images_seen"] == 96
