@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.params import Params, load_params
+from tasks.params import Params, flatten, load_params
 
 # Prefect reads its settings at import: apply runtime.prefect_api_url first when set in params.yaml.
 if "PREFECT_API_URL" not in os.environ:
@@ -152,18 +152,8 @@ def resolve(params: Params | None, overrides: dict[str, Any] | None) -> Params:
     if params is None:
         return load_params(None, overrides or {})
     if overrides:
-        return load_params(None, {**_flat(params.model_dump(mode="json")), **overrides})
+        return load_params(None, {**flatten(params.model_dump(mode="json")), **overrides})
     return params
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @flow(name="train-pipeline", on_cancellation=[_stop_ray], on_crashed=[_stop_ray], log_prints=True)

@@ -242,5 +242,16 @@ def validate_params(raw: dict[str, Any], origin: str = "params") -> Params:
         raise ParamsError(_format_error(e, origin)) from None
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> {"a.b.c": value} (the keys --set and MLflow params use)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def dump_params(params: Params) -> str:
     return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.params import Params, RuntimeParams
+from tasks.params import Params, RuntimeParams, flatten
 
 log = logging.getLogger("ganforge.registry")
 
@@ -64,17 +64,6 @@ def setup_mlflow(runtime: RuntimeParams) -> str:
             exp_id = mlflow.get_experiment_by_name(runtime.mlflow_experiment).experiment_id
     mlflow.set_experiment(experiment_id=exp_id)  # nested runs land beside their parent
     return exp_id
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v if not isinstance(v, (list, tuple)) else json.dumps(v)
-    return out
 
 
 def git_commit() -> str | None:
@@ -159,7 +148,8 @@ def start_pipeline_run(params: Params, shards: str | Path, run_name: str | None 
     exp_id = setup_mlflow(params.runtime)
     run = _retry(mlflow.start_run, experiment_id=exp_id, run_name=run_name)
     try:
-        mlflow.log_params(flatten(params.model_dump(mode="json")))
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, tuple)) else v
+                           for k, v in flatten(params.model_dump(mode="json")).items()})
         tags = {"ganforge.family": params.train.family, "data.manifest_sha256": manifest_hash(shards),
                 "data.shards": str(shards)}
         commit = git_commit()

@@ -1,0 +1,64 @@
+"""A deployment created against a test Prefect server and a run triggered through the API completes.
+The deployment is served by `ganforge serve` in a subprocess (what a user runs next to `prefect server start`)."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_deployment_run_through_the_api(tmp_path):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["data"].update(source="synthetic:shapes:32", shards=str(tmp_path / "shards"), resolution=8, workers=1)
+    p["train"].update(out=str(tmp_path / "run"), resolution=4, batch_size=16, checkpoint_kimg=1.0, log_every=2)
+    p["train"]["progan"].update(fmap_max=16, fmap_base=64, latent_dim=16, stabilize_kimg=0.032)
+    p["eval"].update(num_samples=6, kid_subsets=2, workers=1, cache_dir=str(tmp_path / "cache"))
+    p["runtime"].update(mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", mlflow_artifact_root=str(tmp_path / "art"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    with prefect_test_harness(server_startup_timeout=120):
+        api = PREFECT_API_URL.value()
+        env = {**os.environ, "PREFECT_API_URL": api, "RAY_USAGE_STATS_ENABLED": "0"}
+        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--params", str(tmp_path / "params.yaml")],
+                                  cwd=ROOT, env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
+        try:
+            run = None
+            deadline = time.time() + 120
+            while run is None and time.time() < deadline:  # wait until the deployment is registered
+                try:
+                    run = run_deployment("train-pipeline/ganforge", parameters={"overrides": {"eval.num_samples": 5}},
+                                         timeout=0)
+                except Exception:  # noqa: BLE001 - not yet registered
+                    time.sleep(2)
+            assert run is not None, (tmp_path / "serve.log").read_text()[-3000:]
+            from prefect import get_client
+            import anyio
+
+            async def wait():
+                async with get_client() as c:
+                    for _ in range(240):
+                        fr = await c.read_flow_run(run.id)
+                        if fr.state.is_final():
+                            return fr
+                        await anyio.sleep(2)
+                    return fr
+
+            fr = anyio.run(wait)
+            assert fr.state.is_completed(), (fr.state, (tmp_path / "serve.log").read_text()[-4000:])
+        finally:
+            server.terminate()
+            server.wait(30)
+    assert (tmp_path / "run" / "eval" / "metrics.json").exists()
+    import json
+
+    assert json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["num_samples"] == 5
