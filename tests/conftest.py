@@ -27,3 +27,14 @@ def digits32_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits32") / "shards"
     shard("digits", out, DataParams(resolution=32, shard_size=500, workers=1), progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with room for 2 training workers plus Ray Train's own actors, per test module."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
