@@ -1,6 +1,5 @@
 """Metrics: closed forms, invariances, the published-protocol pieces, the reference cache."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 
 from tasks.metrics import (
-    FeatureExtractor, ImageSet, extract_features, frechet_distance, image_set, inception_score_from_logits,
+    FeatureExtractor, extract_features, frechet_distance, image_set, inception_score_from_logits,
     kernel_inception_distance, quantize, reference_features, tf1_resize,
 )
 from tasks.params import DataParams

@@ -2,7 +2,6 @@
 
 import json
 import multiprocessing as mp
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasks.loop import load_state
 from tasks.params import Params
