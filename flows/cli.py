@@ -211,6 +211,9 @@ def _kimg_per_stage(args: argparse.Namespace, overrides: dict[str, Any]) -> None
         overrides["train.progan.stabilize_kimg"] = k / 2
 
 
+_PROTOCOL = _Flag("--protocol", "eval.protocol", help="tf1 (published) or clean")
+_EVAL_WORKERS = _Flag("--workers", "eval.workers", int, "Ray workers for feature extraction")
+
 COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
     "shard": (
         cmd_shard,
@@ -248,17 +251,17 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
             _Flag("--num-samples", "eval.num_samples", int, "generated images"),
             _Flag("--metrics", "eval.metrics", lambda v: [m.strip() for m in v.split(",") if m.strip()], "e.g. fid,kid,is"),
             _Flag("--split", "eval.split", help="reference split (train or val)"),
-            _Flag("--protocol", "eval.protocol", help="tf1 (published) or clean"),
-            _Flag("--workers", "eval.workers", int, "Ray workers for feature extraction"),
+            _PROTOCOL,
+            _EVAL_WORKERS,
         ],
         "FID/KID/IS of a checkpoint's EMA generator; the last stdout line is JSON",
     ),
     "fid": (
         cmd_fid,
         [
-            _Flag("--protocol", "eval.protocol", help="tf1 (published) or clean"),
+            _PROTOCOL,
             _Flag("--split", "eval.split", help="split used for shard folders without ':split'"),
-            _Flag("--workers", "eval.workers", int, "Ray workers for feature extraction"),
+            _EVAL_WORKERS,
         ],
         "FID between two image sets (image folder, shard folder[:split], or uint8 .npy); last line is the number",
     ),
