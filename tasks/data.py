@@ -204,25 +204,28 @@ def train_loader(stream: TrainStream, num_workers: int = 0) -> Iterator[tuple[to
     return iter(DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=True, prefetch_factor=4))
 
 
-def split_count(shards: str | Path, split: str) -> int:
+def _split(shards: str | Path, split: str) -> dict:
+    """The manifest entry of one split (count and shards), or a clear error."""
     m = read_manifest(shards)
     if split not in m["splits"]:
         raise ValueError(f"split {split!r} not in {shards}; have {sorted(m['splits'])}")
-    return m["splits"][split]["count"]
+    return m["splits"][split]
+
+
+def split_count(shards: str | Path, split: str) -> int:
+    return _split(shards, split)["count"]
 
 
 def iter_split(
     shards: str | Path, split: str, batch_size: int, *, start: int = 0, stop: int | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Samples ``[start, stop)`` of a split in manifest order, as uint8 NxHxWx3 batches and labels."""
-    m = read_manifest(shards)
-    if split not in m["splits"]:
-        raise ValueError(f"split {split!r} not in {shards}; have {sorted(m['splits'])}")
-    total = m["splits"][split]["count"]
+    entry = _split(shards, split)
+    total = entry["count"]
     stop = total if stop is None else min(stop, total)
     imgs, labels = [], []
     pos = 0
-    for s in m["splits"][split]["shards"]:
+    for s in entry["shards"]:
         if pos + s["count"] <= start:
             pos += s["count"]
             continue

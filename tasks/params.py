@@ -82,9 +82,6 @@ class ProGANParams(_Section):
         return v
 
 
-FAMILIES = ("progan",)
-
-
 class TrainParams(_Section):
     family: Literal["progan"] = Field("progan", description="GAN family")
     out: str = Field("runs/demo", description="run folder: checkpoints, samples, summary.json")
@@ -251,7 +248,3 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def dump_params(params: Params) -> str:
-    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

@@ -211,12 +211,5 @@ def manifest_hash(shards: str | Path) -> str:
     return sha256_file(Path(shards) / MANIFEST)
 
 
-def shard_urls(shards: str | Path, split: str) -> list[str]:
-    m = read_manifest(shards)
-    if split not in m["splits"]:
-        raise ValueError(f"split {split!r} not in {shards}; have {sorted(m['splits'])}")
-    return [str(Path(shards) / s["file"]) for s in m["splits"][split]["shards"]]
-
-
-__all__ = ["shard", "ShardError", "SourceError", "read_manifest", "manifest_hash", "shard_urls", "sha256_file"]
+__all__ = ["shard", "ShardError", "SourceError", "read_manifest", "manifest_hash", "sha256_file"]
 
