@@ -30,6 +30,7 @@ bench: install
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_metrics.py
+	$(PY) benchmarks/bench_vqgan.py
 
 # the same stages through DVC (dvc.yaml); needs a git repository
 repro: install

@@ -82,14 +82,20 @@ def cmd_shard(args: argparse.Namespace, params: Params) -> dict:
 def cmd_train(args: argparse.Namespace, params: Params) -> dict:
     from tasks.train import train, train_stage
 
-    if args.stage_resolution is not None:
+    if args.stage_resolution is not None or args.stage is not None:
         from models.base import get_family
 
         stages = get_family(params.train).stages()
-        match = [s for s in stages if s.resolution == args.stage_resolution]
-        if not match:
-            raise ValueError(f"--stage-resolution {args.stage_resolution} is not a stage of these params "
-                             f"(stages: {', '.join(str(s.resolution) for s in stages)}); keep dvc.yaml in sync")
+        if args.stage is not None:
+            match = [s for s in stages if s.name == args.stage]
+            if not match:
+                raise ValueError(f"--stage {args.stage} is not a stage of family {params.train.family} "
+                                 f"(stages: {', '.join(s.name for s in stages)})")
+        else:
+            match = [s for s in stages if s.resolution == args.stage_resolution]
+            if len(match) != 1:
+                raise ValueError(f"--stage-resolution {args.stage_resolution} is not one stage of these params "
+                                 f"(stages: {', '.join(str(s.resolution) for s in stages)}); keep dvc.yaml in sync")
         rec = train_stage(params.data.shards, params.train.out, params, match[0].index, init=args.init or None)
         return {"stage": match[0].name, "checkpoint": rec["checkpoint"], "images_seen": rec["images_seen"]}
     summary = train(params.data.shards, params.train.out, params)
@@ -203,12 +209,27 @@ def cmd_serve(args: argparse.Namespace, params: Params) -> None:
     serve(params, cron=args.cron, interval=args.interval)
 
 
+def cmd_deploy(args: argparse.Namespace, params: Params) -> dict:
+    from flows.deploy import deploy_to_pool
+
+    ids = deploy_to_pool(params, args.work_pool, cron=args.cron, interval=args.interval, source=args.source)
+    return {"work_pool": args.work_pool, "deployments": ids}
+
+
+def cmd_dvc_remote(args: argparse.Namespace, params: Params) -> dict:
+    from tasks.storage import configure_dvc_remote
+
+    return configure_dvc_remote(params.runtime.dvc_remote, params.runtime.s3_endpoint_url)
+
+
 def _kimg_per_stage(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     k = getattr(args, "kimg_per_stage", None)
     if k is not None:
         # the first stage only stabilises; later ones split K into transition + stabilisation
         overrides["train.progan.transition_kimg"] = k / 2
         overrides["train.progan.stabilize_kimg"] = k / 2
+        overrides["train.vqgan.autoencoder_kimg"] = k
+        overrides["train.vqgan.prior_kimg"] = k
 
 
 _PROTOCOL = _Flag("--protocol", "eval.protocol", help="tf1 (published) or clean")
@@ -273,8 +294,11 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
     "promote": (cmd_promote, [], "apply the champion gate to a registered version (or --force it)"),
     "pipeline": (cmd_pipeline, [], "run the whole Prefect flow: shard -> stages -> evaluate -> register -> promote"),
     "serve": (cmd_serve, [], "serve Prefect deployments of the three flows (schedules optional) for the UI"),
+    "deploy": (cmd_deploy, [], "register the deployments on a work pool, for `prefect worker start --pool NAME`"),
     "models": (cmd_models, [], "list registered versions with metrics and aliases"),
     "sample": (cmd_sample, [], "draw a grid of images from a registered model (models:/NAME@alias)"),
+    "dvc-remote": (cmd_dvc_remote, [_Flag("--remote", "runtime.dvc_remote", help="DVC remote URL (s3://bucket/path, a folder)")],
+                   "make runtime.dvc_remote (with runtime.s3_endpoint_url) this repository's default DVC remote"),
 }
 
 
@@ -325,10 +349,11 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kimg-per-stage", type=float, default=None,
-                   help="thousands of images per stage (half transition, half stabilisation)")
+                   help="thousands of images per stage (ProGAN: half transition, half stabilisation; VQ-GAN: autoencoder and prior)")
     p.add_argument("--stage-resolution", type=int, default=None,
                    help="run only the stage at this resolution (what each dvc.yaml train stage calls)")
-    p.add_argument("--init", default=None, help="with --stage-resolution: the previous stage's checkpoint dir")
+    p.add_argument("--stage", default=None, help="run only the stage of this name (e.g. vqgan-3-prior)")
+    p.add_argument("--init", default=None, help="with --stage(-resolution): the previous stage's checkpoint dir")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -336,8 +361,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=None, help="interval schedule for train-pipeline, seconds")
 
 
+def _deploy_args(p: argparse.ArgumentParser) -> None:
+    _serve_args(p)
+    p.add_argument("--work-pool", default="ganforge", help="Prefect work pool (create it: prefect work-pool create NAME --type process)")
+    p.add_argument("--source", default=None, help="where the worker finds the code (default: this installation)")
+
+
 EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "serve": _serve_args,
+    "deploy": _deploy_args,
     "register": _register_args,
     "promote": _promote_args,
     "models": lambda p: p.add_argument("--model", default=None, help="only this registered name"),

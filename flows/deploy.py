@@ -28,6 +28,34 @@ def deployments(params: Params, cron: str | None = None, interval: float | None 
     ]
 
 
+_ENTRYPOINTS = (
+    (train_pipeline, "flows/pipeline.py:train_pipeline"),
+    (evaluate_flow, "flows/pipeline.py:evaluate_flow"),
+    (promote_flow, "flows/pipeline.py:promote_flow"),
+)
+
+
+def deploy_to_pool(params: Params, work_pool: str, cron: str | None = None, interval: float | None = None,
+                   name: str = "ganforge", source: str | None = None) -> list[str]:
+    """Register the three deployments on a work pool; a `prefect worker` of that pool runs them from ``source``
+    (default: this installation's code, which is where the ganforge image keeps it)."""
+    from pathlib import Path
+
+    src = source or str(Path(__file__).resolve().parents[1])
+    defaults = {"params": params.model_dump(mode="json")}
+    ids = []
+    for fl, entrypoint in _ENTRYPOINTS:
+        sched = {}
+        if fl is train_pipeline and cron:
+            sched["cron"] = cron
+        elif fl is train_pipeline and interval:
+            sched["interval"] = interval
+        dep = fl.from_source(source=src, entrypoint=entrypoint)
+        ids.append(str(dep.deploy(name=name, work_pool_name=work_pool, parameters=defaults, tags=["ganforge"],
+                                  build=False, push=False, print_next_steps=False, **sched)))
+    return ids
+
+
 def serve(params: Params, cron: str | None = None, interval: float | None = None) -> None:
     prefect_serve(*deployments(params, cron, interval))
 

@@ -69,10 +69,9 @@ def _stage_key(ctx, args: dict) -> str:
     params: Params = args["params"]
     init = args.get("init")
     init_hash = _file_sha(Path(init) / "state.pt") if init else "scratch"
-    from tasks.train import _IDENTITY_KEYS
+    from tasks.train import identity
 
-    train = params.train.model_dump(mode="json")
-    return "stage-" + _sha([{k: train[k] for k in (*_IDENTITY_KEYS, "resolution")}, args["stage_index"],
+    return "stage-" + _sha([{**identity(params.train), "resolution": params.train.resolution}, args["stage_index"],
                             args["manifest_sha256"], init_hash, str(Path(params.train.out).resolve())])
 
 
@@ -156,6 +155,9 @@ def resolve(params: Params | None, overrides: dict[str, Any] | None) -> Params:
     return params
 
 
+_TABLE_METRICS = ("loss_d", "loss_g", "penalty", "loss_rec", "codebook_usage", "train_codebook_usage", "loss_prior")
+
+
 @flow(name="train-pipeline", on_cancellation=[_stop_ray], on_crashed=[_stop_ray], log_prints=True)
 def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """Shard -> train every stage -> evaluate -> register -> promote, on params.yaml (overridable)."""
@@ -179,7 +181,7 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
         key="stage-metrics",
         table=[{"stage": r["stage"], "resolution": r["resolution"], "kimg": r["images_seen"] / 1000,
                 "wall_time_s": r["wall_time_s"], "images_per_s": r["images_per_s"],
-                **{k: round(v, 4) for k, v in r.get("last_metrics", {}).items() if k in ("loss_d", "loss_g", "penalty")}}
+                **{k: round(v, 4) for k, v in r.get("last_metrics", {}).items() if k in _TABLE_METRICS}}
                for r in stage_recs],
         description="per-stage training metrics",
     )
@@ -190,7 +192,8 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     import mlflow
 
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({k: evaluation[k] for k in ("fid", "kid", "kid_std", "is") if evaluation.get(k) is not None})
+        mlflow.log_metrics({k: evaluation[k] for k in ("fid", "kid", "kid_std", "is", "rfid", "codebook_usage",
+                                                       "codebook_perplexity") if evaluation.get(k) is not None})
         mlflow.set_tags({"eval.protocol": evaluation["protocol"], "eval.num_samples": evaluation["num_samples"],
                          "eval.reference_split": evaluation["reference"]["split"],
                          "eval.reference_count": evaluation["reference"]["count"]})
@@ -200,6 +203,7 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     grid = Path(params.train.out) / "eval" / "samples.png"
     result = {
         "final_checkpoint": prev, "fid": evaluation.get("fid"), "kid": evaluation.get("kid"),
+        "rfid": evaluation.get("rfid"), "codebook_usage": evaluation.get("codebook_usage"),
         "protocol": evaluation["protocol"], "num_samples": evaluation["num_samples"],
         "model": reg["name"], "version": reg["version"], "promoted": decision.get("promoted"),
         "decision": decision.get("reason"), "grid": str(grid.resolve()), "mlflow_run_id": run_id,
@@ -210,7 +214,10 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
         key="pipeline-result",
         markdown=(f"# ganforge run `{Path(params.train.out).name}`\n\n"
                   f"| metric | value |\n|---|---|\n| FID ({evaluation['protocol']}, {evaluation['num_samples']} samples "
-                  f"vs {evaluation['reference']['count']} {evaluation['reference']['split']}) | {fid} |\n| KID | {kid} |\n\n"
+                  f"vs {evaluation['reference']['count']} {evaluation['reference']['split']}) | {fid} |\n| KID | {kid} |\n"
+                  + "".join(f"| {label} | {evaluation[k]:.4f} |\n" for k, label in
+                            (("rfid", "reconstruction FID"), ("codebook_usage", "codebook usage"))
+                            if evaluation.get(k) is not None) + "\n"
                   f"Registered **{reg['name']}** version **{reg['version']}** (alias `challenger`); champion gate: "
                   f"**{'promoted' if decision.get('promoted') else 'not promoted'}** — {decision.get('reason')}"
                   + _grid_markdown(grid)),

@@ -25,6 +25,9 @@ class StageSpec:
     resolution: int  # resolution of the real images this stage reads
     kimg: float  # thousands of real images shown in this stage
     info: dict[str, Any] = field(default_factory=dict)  # family-specific (e.g. transition_kimg)
+    # "train": one Ray Train job of the shared loop; "tokens": encodes the data for the next stage
+    # (tasks/tokens.py). A train stage whose info["data"] == "tokens" reads that stage's shards.
+    kind: str = "train"
 
 
 @dataclass
@@ -74,11 +77,33 @@ class GANFamily(ABC):
     def generate(self, ema: dict[str, nn.Module], z: torch.Tensor, stage: StageSpec, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Images in [-1, 1] from latents, with the EMA modules at the end of ``stage``."""
 
+    def can_sample(self, stage: StageSpec) -> bool:
+        """Whether ``generate`` works with this stage's modules (an autoencoder stage only reconstructs)."""
+        return True
+
+    def ema_names(self, stage: StageSpec) -> tuple[str, ...]:
+        """Modules whose EMA copy the loop keeps in ``stage`` (used for samples, evaluation, export)."""
+        return self.ema_modules
+
+    def use_ema(self, stage: StageSpec) -> bool:
+        """False: the 'EMA' copies just follow the trained weights."""
+        return True
+
+    def notes(self, stage: StageSpec) -> dict[str, str]:
+        """Facts about how ``stage`` trains that users must see (logged, and tagged on the MLflow run)."""
+        return {}
+
+    def grid(self, ema: dict[str, nn.Module], stage: StageSpec, z: torch.Tensor, real_fn: Callable[[], torch.Tensor],
+             images_in_stage: int | None = None) -> torch.Tensor:
+        """The checkpoint's sample grid; ``real_fn()`` gives fixed real images (for reconstructions)."""
+        return self.generate(ema, z, stage, images_in_stage=images_in_stage)
+
 
 def get_family(params: TrainParams) -> GANFamily:
     from models.progan import ProGAN
+    from models.vqgan import VQGAN
 
-    families = {"progan": ProGAN}
+    families = {"progan": ProGAN, "vqgan": VQGAN}
     if params.family not in families:
         raise ValueError(f"unknown family {params.family!r}; allowed: {', '.join(families)}")
     return families[params.family](params)

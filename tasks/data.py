@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tasks.shard import read_manifest
+from tasks.storage import is_remote, join, local_copy
 
 
 def decode_sample(sample: dict, npy_header: bytes | None = None) -> tuple[np.ndarray, int]:
@@ -64,13 +65,22 @@ def npy_header_for(resolution: int) -> bytes:
 _ZERO_BLOCK = bytes(512)
 
 
+def shard_url(shards: str | Path, entry: dict) -> str:
+    """Where one shard of a manifest lives; remote shards carry their sha256 for the local cache."""
+    url = join(shards, entry["file"])
+    return f"{url}#sha256={entry['sha256']}" if is_remote(url) and entry.get("sha256") else url
+
+
 def _iter_tar(url: str) -> Iterator[dict]:
-    """Samples of one tar shard.
+    """Samples of one tar shard (a local path, or a remote URL copied once into the local cache).
 
     Our shards are plain USTAR files of regular members named ``<key>.<ext>``;
     those are parsed straight from a memory map (tarfile's per-member Python
     overhead dominated the stream). Anything else is handed to webdataset.
     """
+    if is_remote(url):
+        base, _, sha = url.partition("#sha256=")
+        url = local_copy(base, sha or None)
     with open(url, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         pos, end = 0, len(data)
         samples: list[dict] = []
@@ -120,7 +130,7 @@ class TrainStream(IterableDataset):
             raise ValueError(f"requested {resolution}px but the shards in {shards} are {m['resolution']}px")
         if split not in m["splits"] or m["splits"][split]["count"] == 0:
             raise ValueError(f"split {split!r} of {shards} is empty")
-        self.shards = [(str(Path(shards) / s["file"]), s["count"]) for s in m["splits"][split]["shards"]]
+        self.shards = [(shard_url(shards, s), s["count"]) for s in m["splits"][split]["shards"]]
         self.resolution, self.batch_size = resolution, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.xflip, self.shuffle_buffer = xflip, shuffle_buffer
@@ -174,7 +184,7 @@ class TrainStream(IterableDataset):
         batch = 0
         for raw in self.raw_samples():
             if batch >= skip:
-                arr, label = decode_sample(raw, self._npy_header)
+                arr, label = self._decode(raw)
                 imgs.append(arr)
                 labels.append(label)
             else:
@@ -184,6 +194,9 @@ class TrainStream(IterableDataset):
                     yield self._collate(imgs, labels, np.random.default_rng([self.seed, part, batch]))
                 batch += 1
                 imgs, labels = [], []
+
+    def _decode(self, raw: dict) -> tuple[np.ndarray, int]:
+        return decode_sample(raw, self._npy_header)
 
     def _collate(self, imgs: list[np.ndarray], labels: list[int], flip_rng) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-batch conversion: uint8 NHWC -> (box-downsampled) float NCHW in [-1, 1]."""
@@ -195,6 +208,34 @@ class TrainStream(IterableDataset):
         if self.resolution != self.stored_resolution:
             t = torch.nn.functional.avg_pool2d(t, self.stored_resolution // self.resolution)
         return t.div_(127.5).sub_(1.0).contiguous(), torch.tensor(labels, dtype=torch.long)
+
+
+class TokenStream(TrainStream):
+    """Endless batches ``(codes[B,h,w] int64, labels[B])`` of a token shard set (tasks/tokens.py)."""
+
+    def __init__(self, shards: str | Path, resolution: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, xflip: bool = False, shuffle_buffer: int = 512, split: str = "train",
+                 start_batch: int = 0):
+        m = read_manifest(shards)
+        if m.get("kind") != "tokens":
+            raise ValueError(f"{shards} holds images, not code-index tokens (run the tokens stage first)")
+        if split not in m["splits"] or m["splits"][split]["count"] == 0:
+            raise ValueError(f"split {split!r} of {shards} is empty")
+        self.shards = [(shard_url(shards, s), s["count"]) for s in m["splits"][split]["shards"]]
+        self.resolution, self.batch_size = resolution, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.xflip, self.shuffle_buffer = False, shuffle_buffer  # flipping codes is not flipping images
+        self.start_batch = start_batch
+        self.grid = tuple(m["grid"])
+
+    def _decode(self, raw: dict) -> tuple[np.ndarray, int]:
+        arr = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
+        if arr.shape != self.grid:
+            raise ValueError(f"token sample {raw.get('__key__')!r} has shape {arr.shape}, expected {self.grid}")
+        return arr, int(raw["cls"]) if "cls" in raw else -1
+
+    def _collate(self, imgs, labels, flip_rng):
+        return torch.from_numpy(np.stack(imgs).astype(np.int64)), torch.tensor(labels, dtype=torch.long)
 
 
 def train_loader(stream: TrainStream, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -231,7 +272,7 @@ def iter_split(
             continue
         if pos >= stop:
             break
-        for raw in _iter_tar(str(Path(shards) / s["file"])):
+        for raw in _iter_tar(shard_url(shards, s)):
             if start <= pos < stop:
                 arr, label = decode_sample(raw)
                 imgs.append(arr)

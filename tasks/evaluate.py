@@ -17,6 +17,7 @@ from tasks.metrics import (
 )
 from tasks.params import EvalParams
 from tasks.shard import manifest_hash
+from tasks.train import load_generator
 
 log = logging.getLogger("ganforge.evaluate")
 
@@ -44,7 +45,44 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
                              batch_size=ev.batch_size, progress=progress)
     result["reference"] = {"shards": str(shards), "split": ev.split, "count": int(ref["count"]),
                            "manifest_sha256": manifest_hash(shards), "cache": ref["cache"]}
-    gen = ImageSet("generator", str(checkpoint), count=ev.num_samples, seed=ev.seed)
+    family, stage, ema, _ = load_generator(checkpoint)
+    result["family"], result["stage"] = family.name, stage.name
+    shown = gen = ImageSet("generator", str(checkpoint), count=ev.num_samples, seed=ev.seed)
+    if hasattr(family, "reconstruct") and "VQ" in ema:
+        # autoencoder quality: reconstructions of the reference split vs that split, and codebook use on it
+        rec = ImageSet("reconstructions", str(checkpoint), split=ev.split, count=int(ref["count"]), source=str(shards))
+        rfeat = extract_features(rec, ev.protocol, workers=ev.workers, batch_size=ev.batch_size, progress=progress)
+        result["rfid"] = frechet_distance(ref["mu"], ref["sigma"], *feature_stats(rfeat))
+        result.update(_codebook_use(family, stage, ema, shards, ev))
+        shown = rec
+    if not family.can_sample(stage):
+        result["sampling_unavailable"] = f"stage {stage.name} has no sampler: FID/KID/IS of samples are not computed"
+        log.warning("%s", result["sampling_unavailable"])
+    else:
+        _sample_metrics(result, gen, ref, ev, progress)
+        shown = gen
+    if out is not None:
+        write_outputs(result, shown, Path(out))
+    return result
+
+
+def _codebook_use(family, stage, ema, shards, ev: EvalParams) -> dict:
+    from models.vqgan import codebook_stats
+    from tasks.data import iter_split
+
+    codes = []
+    with torch.inference_mode():
+        for imgs, _ in iter_split(shards, ev.split, ev.batch_size):
+            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
+            if x.shape[-1] != stage.resolution:
+                x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // stage.resolution)
+            codes.append(ema["VQ"].encode_codes(x / 127.5 - 1.0))
+    st = codebook_stats(torch.cat(codes), ema["VQ"].quantize.n_embed)
+    return {"codebook_usage": st["codebook_usage"], "codebook_perplexity": st["perplexity"],
+            "codebook_size": ema["VQ"].quantize.n_embed}
+
+
+def _sample_metrics(result: dict, gen: ImageSet, ref: dict, ev: EvalParams, progress: bool) -> None:
     fake = extract_features(gen, ev.protocol, workers=ev.workers, batch_size=ev.batch_size, progress=progress)
     if "fid" in ev.metrics:
         result["fid"] = frechet_distance(ref["mu"], ref["sigma"], *feature_stats(fake))
@@ -58,21 +96,20 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
             log.warning("Inception Score unavailable: %s", reason)
         else:
             result["is"], result["is_std"] = inception_score_from_logits(_logits(gen, model, ev.batch_size), ev.is_splits)
-    if out is not None:
-        write_outputs(result, gen, Path(out))
-    return result
 
 
 def write_outputs(result: dict, gen: ImageSet, out: Path) -> None:
     from tasks.loop import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
-    numbers = {k: result[k] for k in ("fid", "kid", "kid_std", "is", "is_std") if k in result}
+    numbers = {k: result[k] for k in ("fid", "kid", "kid_std", "is", "is_std", "rfid", "codebook_usage",
+                                      "codebook_perplexity") if k in result}
     metrics = {**numbers, "num_samples": result["num_samples"], "reference_count": result["reference"]["count"],
                "protocol": result["protocol"], "split": result["reference"]["split"]}
     for name, obj in (("metrics.json", metrics), ("evaluation.json", result)):
         tmp = out / f".{name}.tmp"
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
         os.replace(tmp, out / name)
-    imgs = next(_read_slice(ImageSet("generator", gen.path, count=64, seed=gen.seed), 0, 64, 64))
+    n = min(64, gen.count)
+    imgs = next(_read_slice(gen, 0, n, n))
     save_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "samples.png", nrow=8)

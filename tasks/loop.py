@@ -19,7 +19,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from models.base import GANFamily, StageSpec, StepContext, get_family
-from tasks.data import TrainStream, train_loader
+from tasks.data import TokenStream, TrainStream, iter_split, train_loader
 from tasks.params import TrainParams
 
 log = logging.getLogger("ganforge.train")
@@ -113,7 +112,10 @@ def checkpoint_dir(ckpt: Any):
         if isinstance(ckpt, (str, Path)):
             import ray.train
 
-            ckpt = ray.train.Checkpoint(str(ckpt))
+            from tasks.storage import arrow_fs
+
+            fs, path = arrow_fs(str(ckpt))
+            ckpt = ray.train.Checkpoint(path, filesystem=fs)
         with ckpt.as_directory() as d:
             yield Path(d)
 
@@ -176,6 +178,9 @@ def run_stage(config: dict, session=None) -> dict:
     params = TrainParams.model_validate(config["params"])
     family: GANFamily = get_family(params)
     stage: StageSpec = family.stages()[config["stage"]]
+    if stage.kind != "train":
+        raise ValueError(f"stage {stage.name} is a {stage.kind} stage, not a training stage")
+    ema_names = family.ema_names(stage)
     rank, world, dev = session.rank, session.world_size, session.device
     if params.batch_size % world:
         raise ValueError(f"train.batch_size ({params.batch_size}) must be divisible by the {world} workers")
@@ -204,7 +209,7 @@ def run_stage(config: dict, session=None) -> dict:
                 raise ValueError(f"checkpoint {resume} is of stage {state['stage']}, not {stage.name}")
             for k, m in modules.items():
                 m.load_state_dict(state["modules"][k])
-            ema = {k: copy.deepcopy(modules[k]) for k in family.ema_modules}
+            ema = {k: copy.deepcopy(modules[k]) for k in ema_names}
             for k, m in ema.items():
                 m.load_state_dict(state["ema"][k])
             opts_state = state["optimizers"]
@@ -215,17 +220,21 @@ def run_stage(config: dict, session=None) -> dict:
         else:
             if state is not None:
                 family.grow(modules, state["modules"])
-            ema = {k: copy.deepcopy(modules[k]) for k in family.ema_modules}
+            ema = {k: copy.deepcopy(modules[k]) for k in ema_names}
             if state is not None:
                 family.grow(ema, state["ema"])
     attempt_start = images
     if rank == 0:
         log.info("stage %s (%dpx, %.1f kimg): %s at %.2f kimg on %d worker(s), %s", stage.name, stage.resolution,
                  stage.kimg, source, images / 1000, world, dev)
+        for k, v in family.notes(stage).items():
+            log.warning("stage %s: %s %s", stage.name, k, v)
 
     mem = torch.channels_last if use_cuda else torch.contiguous_format
     for k in list(modules):
-        modules[k] = session.prepare(modules[k].to(dev, memory_format=mem))
+        modules[k] = modules[k].to(dev, memory_format=mem)
+        if any(p.requires_grad for p in modules[k].parameters()):  # frozen modules are not wrapped in DDP
+            modules[k] = session.prepare(modules[k])
     for m in ema.values():
         m.to(dev).eval().requires_grad_(False)
     opts = family.optimizers({k: _unwrap(m) for k, m in modules.items()})
@@ -237,16 +246,25 @@ def run_stage(config: dict, session=None) -> dict:
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if (use_cuda and params.amp) else contextlib.nullcontext
     no_sync = lambda m: m.no_sync() if hasattr(m, "no_sync") else contextlib.nullcontext()  # noqa: E731
 
-    stream = TrainStream(
+    stream_cls = TokenStream if stage.info.get("data") == "tokens" else TrainStream
+    stream = stream_cls(
         config["shards"], stage.resolution, per_rank, rank=rank, world_size=world,
         seed=params.seed * 1009 + stage.index, xflip=params.xflip, start_batch=step,
     )
     batches = train_loader(stream, params.loader_workers)
     total = int(round(stage.kimg * 1000))
     every = max(1, int(round(params.checkpoint_kimg * 1000)))
-    beta = 0.5 ** (params.batch_size / (params.ema_half_life_kimg * 1000))
+    beta = 0.5 ** (params.batch_size / (params.ema_half_life_kimg * 1000)) if family.use_ema(stage) else 0.0
     grid_z = torch.randn(params.grid_size**2, family.latent_dim, generator=torch.Generator().manual_seed(params.seed)).to(dev)
     run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
+
+    def grid_real() -> torch.Tensor:
+        """The first grid_size^2 train images (fixed across checkpoints and resumes), at this stage's size."""
+        imgs, _ = next(iter_split(config["shards"], "train", params.grid_size**2))
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
+        if x.shape[-1] != stage.resolution:
+            x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // stage.resolution)
+        return (x / 127.5 - 1.0).to(dev)
     fault = config.get("fault") or {}
     max_steps = config.get("max_steps")
 
@@ -291,9 +309,9 @@ def run_stage(config: dict, session=None) -> dict:
                 with open(run_dir / "metrics" / f"{stage.name}.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             if rank == 0:
-                log.info("%s step %d kimg %.2f/%.1f alpha %.2f loss_d %.3f loss_g %.3f %.0f img/s", stage.name, step,
-                         images / 1000, total / 1000, last.get("alpha", 1.0), last.get("loss_d", math.nan),
-                         last.get("loss_g", math.nan), metrics["images_per_s"])
+                losses = " ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("loss") or k == "alpha")
+                log.info("%s step %d kimg %.2f/%.1f %s %.0f img/s", stage.name, step, images / 1000, total / 1000,
+                         losses, metrics["images_per_s"])
             if at_ckpt:
                 name = f"ckpt-{images:010d}"
                 with tempfile.TemporaryDirectory(prefix="ganforge-ckpt-") as tmp:
@@ -309,7 +327,7 @@ def run_stage(config: dict, session=None) -> dict:
                             "params": params.model_dump(mode="json"),
                         }
                         torch.save(state, Path(tmp) / STATE)
-                        imgs = family.generate(ema, grid_z, stage, images_in_stage=images).cpu()
+                        imgs = family.grid(ema, stage, grid_z, grid_real, images_in_stage=images).cpu()
                         save_grid(imgs, Path(tmp) / GRID, params.grid_size)
                         meta = {k: v for k, v in state.items() if k not in ("modules", "ema", "optimizers", "params")}
                         (Path(tmp) / META).write_text(json.dumps({**meta, "metrics": metrics}, indent=2))

@@ -178,11 +178,12 @@ def inception_score_from_logits(logits: np.ndarray, splits: int = 10) -> tuple[f
 class ImageSet:
     """A set of uint8 images that can be read in slices: shards (a split), a folder, a .npy, or a generator."""
 
-    kind: str  # "shards" | "folder" | "npy" | "generator"
+    kind: str  # "shards" | "folder" | "npy" | "generator" | "reconstructions" (of ``source``'s split by ``path``)
     path: str
     split: str = "val"
     count: int = 0
     seed: int = 0
+    source: str = ""
 
     def describe(self) -> dict:
         d = {"kind": self.kind, "path": self.path, "count": self.count}
@@ -190,11 +191,22 @@ class ImageSet:
             d["split"] = self.split
         if self.kind == "generator":
             d["seed"] = self.seed
+        if self.kind == "reconstructions":
+            d.update(source=self.source, split=self.split)
         return d
 
 
 def image_set(spec: str, split: str = "val") -> ImageSet:
     """``DIR`` (shards with manifest.json, or an image folder), ``DIR:split``, or ``FILE.npy``."""
+    from tasks.storage import exists, is_remote, join
+
+    if is_remote(spec):  # shards by URL: s3://bucket/prefix or s3://bucket/prefix:split
+        base, _, sp = spec.rpartition(":") if spec.count(":") > 1 else (spec, "", split)
+        if not exists(join(base, "manifest.json")):
+            raise FileNotFoundError(f"{spec}: no manifest.json there (remote image sets must be shard folders)")
+        from tasks.data import split_count
+
+        return ImageSet("shards", base, split=sp, count=split_count(base, sp))
     p = Path(spec)
     if spec.endswith(".npy"):
         if not p.exists():
@@ -248,6 +260,16 @@ def _read_slice(s: ImageSet, start: int, stop: int, batch: int) -> Iterator[np.n
             # one latent per global sample index: independent of batch size and worker count
             z = torch.stack([torch.randn(family.latent_dim, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + j)) for j in idx])
             yield quantize(family.generate(ema, z, stage)).numpy()
+    elif s.kind == "reconstructions":
+        from tasks.data import iter_split
+        from tasks.train import load_generator
+
+        family, stage, ema, _ = load_generator(s.path)
+        for imgs, _ in iter_split(s.source, s.split, batch, start=start, stop=stop):
+            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
+            if x.shape[-1] != stage.resolution:
+                x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // stage.resolution)
+            yield quantize(family.reconstruct(ema, x / 127.5 - 1.0)).numpy()
     else:
         raise ValueError(f"unknown image set kind {s.kind}")
 

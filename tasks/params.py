@@ -8,6 +8,7 @@ these objects, never raw dicts.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
+# GANFORGE__RUNTIME__RAY_ADDRESS=ray-head:6379 sets runtime.ray_address (after the file, before --set / UI
+# overrides): how containers and pods get their cluster settings without a params.yaml of their own.
+ENV_PREFIX = "GANFORGE__"
 
 
 class ParamsError(ValueError):
@@ -82,8 +86,72 @@ class ProGANParams(_Section):
         return v
 
 
+class VQGANParams(_Section):
+    """VQ-GAN: autoencoder (stage 1) -> code extraction (stage 2) -> transformer prior (stage 3)."""
+
+    # autoencoder
+    ch: int = Field(32, ge=4, description="base channels of encoder/decoder")
+    ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 2],
+                               description="channel multiplier per level; downsampling factor f = 2^(len-1)")
+    num_res_blocks: int = Field(1, ge=1)
+    attention: bool = Field(True, description="self-attention at the lowest resolution")
+    z_channels: int = Field(32, ge=1)
+    embed_dim: int = Field(32, ge=1, description="codebook vector dimension d")
+    n_embed: int = Field(128, ge=2, le=32767, description="codebook size K")
+    beta: float = Field(0.25, ge=0, description="commitment weight")
+    legacy_beta: bool = Field(False, description="taming's legacy loss: beta on the codebook term instead")
+    restart_every: int = Field(100, ge=0, description="steps between dead-code restarts (0: never)")
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.9)
+    disc_start: int = Field(500, ge=0, description="steps before the PatchGAN loss switches on")
+    disc_weight: float = Field(0.8, ge=0, description="factor on the adaptive GAN weight")
+    disc_ch: int = Field(32, ge=4)
+    disc_layers: int = Field(2, ge=1)
+    perceptual_weight: float = Field(1.0, ge=0)
+    lpips_vgg_path: str | None = Field(None, description="torchvision VGG16 state dict for LPIPS; None: L1 only")
+    lpips_lin_path: str | None = Field(None, description="LPIPS linear heads (lpips' weights/v0.1/vgg.pth)")
+    autoencoder_kimg: float = Field(20.0, gt=0, description="thousands of images for stage 1")
+    ema: bool = Field(False, description="keep EMA copies (uses train.ema_half_life_kimg)")
+    # tokens
+    token_workers: int = Field(2, ge=1, description="Ray tasks encoding shards in stage 2")
+    # prior
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(128, ge=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    prior_classes: int = Field(0, ge=0, description="0: unconditional; N: class-conditional on labels 0..N-1")
+    prior_lr: float = Field(6e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW, on linear weights only")
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="0: off")
+    prior_kimg: float = Field(20.0, gt=0, description="thousands of token grids for stage 3")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("ch_mult")
+    @classmethod
+    def _mult(cls, v: list[int]) -> list[int]:
+        if not v or any(m < 1 for m in v):
+            raise ValueError(f"must be a non-empty list of positive integers, got {v}")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"both betas must be in [0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _heads(self) -> "VQGANParams":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
 class TrainParams(_Section):
-    family: Literal["progan"] = Field("progan", description="GAN family")
+    family: Literal["progan", "vqgan"] = Field("progan", description="GAN family")
     out: str = Field("runs/demo", description="run folder: checkpoints, samples, summary.json")
     resolution: int = Field(32, ge=4, description="final resolution (power of two, <= the shards' resolution)")
     workers: int = Field(2, ge=1, description="Ray Train workers per stage")
@@ -101,6 +169,7 @@ class TrainParams(_Section):
     ema_half_life_kimg: float = Field(10.0, gt=0, description="half-life of the generator EMA, thousands of images")
     checkpoints_to_keep: int | None = Field(None, ge=1, description="per stage; None keeps all")
     progan: ProGANParams = ProGANParams()
+    vqgan: VQGANParams = VQGANParams()
 
     @field_validator("resolution")
     @classmethod
@@ -111,7 +180,13 @@ class TrainParams(_Section):
 
     @model_validator(mode="after")
     def _stages(self) -> "TrainParams":
-        if self.progan.start_resolution > self.resolution:
+        f = 2 ** (len(self.vqgan.ch_mult) - 1)
+        if self.family == "vqgan" and self.resolution // f < 2:
+            raise ValueError(f"train.vqgan.ch_mult downsamples by {f}: too much for train.resolution {self.resolution}")
+        if self.family == "vqgan" and self.resolution < 3 * 2**self.vqgan.disc_layers:
+            raise ValueError(f"train.vqgan.disc_layers={self.vqgan.disc_layers} is too deep for {self.resolution}px "
+                             f"images (the PatchGAN needs resolution >= 3 * 2^disc_layers)")
+        if self.family == "progan" and self.progan.start_resolution > self.resolution:
             raise ValueError(
                 f"train.progan.start_resolution ({self.progan.start_resolution}) exceeds "
                 f"train.resolution ({self.resolution})"
@@ -225,7 +300,13 @@ def load_params(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not isinstance(loaded, dict):
             raise ParamsError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
         raw, origin = loaded, str(p)
+    env_items = [(k[len(ENV_PREFIX):].lower().replace("__", "."), yaml.safe_load(v) if v.strip() else "")
+                 for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIX) and len(k) > len(ENV_PREFIX)]
+    if env_items:
+        origin = f"{origin} + GANFORGE__* environment"
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in env_items:
+        _set_path(raw, key, value)
     for key, value in items:
         _set_path(raw, key, value)
         origin = f"{origin} (with overrides)" if "overrides" not in origin else origin

@@ -47,6 +47,9 @@ def setup_mlflow(runtime: RuntimeParams) -> str:
     """Point MLflow at the configured store and make sure the experiment exists (returns its id)."""
     import mlflow
 
+    from tasks.storage import configure_s3
+
+    configure_s3(runtime.s3_endpoint_url)  # artifacts on s3:// go to the configured endpoint
     uri = runtime.mlflow_tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
@@ -57,7 +60,12 @@ def setup_mlflow(runtime: RuntimeParams) -> str:
         exp_id = exp.experiment_id
     else:
         root = runtime.mlflow_artifact_root
-        location = root if "://" in root else Path(root).resolve().as_uri()
+        if "://" in root:
+            location = root
+        elif uri.startswith(("http://", "https://")):
+            location = None  # a tracking server decides (e.g. --artifacts-destination s3://...)
+        else:
+            location = Path(root).resolve().as_uri()
         try:
             exp_id = _retry(mlflow.create_experiment, runtime.mlflow_experiment, artifact_location=location)
         except Exception:  # noqa: BLE001 - another writer created it first
@@ -87,6 +95,9 @@ def read_history(run_dir: Path, stage: str) -> list[dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
+_CURVES = {"loss_d": "tab:red", "loss_g": "tab:blue", "loss_rec": "tab:green", "loss_prior": "tab:purple"}
+
+
 def loss_curve_png(run_dir: Path, stages: list[str], out: Path) -> Path | None:
     import matplotlib
 
@@ -96,14 +107,18 @@ def loss_curve_png(run_dir: Path, stages: list[str], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4))
     offset = 0.0
     any_data = False
+    labelled: set[str] = set()
     for st in stages:
         h = read_history(run_dir, st)
         if not h:
             continue
         any_data = True
         x = [offset + r["kimg"] for r in h]
-        ax.plot(x, [r.get("loss_d", np.nan) for r in h], color="tab:red", lw=1, label="loss_d" if offset == 0 else None)
-        ax.plot(x, [r.get("loss_g", np.nan) for r in h], color="tab:blue", lw=1, label="loss_g" if offset == 0 else None)
+        for key, color in _CURVES.items():
+            if any(key in r for r in h):
+                ax.plot(x, [r.get(key, np.nan) for r in h], color=color, lw=1,
+                        label=key if key not in labelled else None)
+                labelled.add(key)
         ax.axvline(offset, color="grey", lw=0.5)
         ax.text(offset, ax.get_ylim()[1], st.split("-")[-1], fontsize=7, va="top")
         offset = x[-1]
@@ -127,7 +142,11 @@ def log_training(summary: dict, run_dir: str | Path, params: Params, parent_run_
     with mlflow.start_run(run_id=parent_run_id):
         for name, rec in summary["stages"].items():
             with mlflow.start_run(run_name=name, nested=True):
-                mlflow.set_tags({"stage": name, "resolution": rec["resolution"], "checkpoint": rec["checkpoint"]})
+                mlflow.set_tags({"stage": name, "resolution": rec["resolution"], "checkpoint": rec["checkpoint"],
+                                 **{f"note.{k}": v for k, v in (rec.get("notes") or {}).items()}})
+                if rec.get("kind") == "tokens":
+                    mlflow.log_metrics(rec["last_metrics"])
+                    mlflow.set_tags({"tokens.shards": rec["shards"], "tokens.manifest_sha256": rec["manifest_sha256"]})
                 mlflow.log_params({"stage_index": rec["index"], "resolution": rec["resolution"]})
                 for r in read_history(run_dir, name):
                     mlflow.log_metrics({k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "step"},
@@ -208,21 +227,21 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
 
     from mlflow import MlflowClient as _Client
 
+    import torch
+
+    from tasks.metrics import quantize
+    from tasks.train import load_generator
+
+    family, stage, ema, _ = load_generator(checkpoint)  # the checkpoint, not params, says what it is
     setup_mlflow(params.runtime)
-    name = params.registry.model_name or f"ganforge-{params.train.family}"
+    name = params.registry.model_name or f"ganforge-{family.name}"
     fid = repr(float(evaluation["fid"])) if evaluation and evaluation.get("fid") is not None else None
     for mv in _existing_versions(_Client(), name):
         if mv.tags.get("checkpoint") == str(checkpoint) and mv.tags.get("fid") == fid:
             log.info("%s version %s already holds %s with these metrics: not registering again", name, mv.version, checkpoint)
             return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}",
                     "tags": dict(mv.tags), "existing": True}
-    import torch
-
-    from tasks.metrics import quantize
-    from tasks.train import load_generator
-
     example = pd.DataFrame({"seed": [0, 1], "truncation": [1.0, 0.7]})
-    family, stage, ema, _ = load_generator(checkpoint)
     z = torch.stack([torch.randn(family.latent_dim, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
     out_example = quantize(family.generate(ema, z, stage)).numpy()
     signature = infer_signature(example, out_example)
@@ -240,7 +259,7 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
             raise
     mv = _retry(client.create_model_version, name, info.model_uri, run_id=run_id)
     tags = {"run_id": run_id, "data_sha256": data_sha256, "checkpoint": str(checkpoint),
-            "family": params.train.family, "resolution": str(stage.resolution)}
+            "family": family.name, "stage": stage.name, "resolution": str(stage.resolution)}
     if evaluation:
         tags.update({
             "protocol": evaluation["protocol"], "num_samples": str(evaluation["num_samples"]),
@@ -248,7 +267,7 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
             "reference_split": evaluation["reference"]["split"],
             "reference_count": str(evaluation["reference"]["count"]),
         })
-        for k in ("fid", "kid", "kid_std", "is"):
+        for k in ("fid", "kid", "kid_std", "is", "rfid", "codebook_usage"):
             if evaluation.get(k) is not None:
                 tags[k] = repr(float(evaluation[k]))
     for k, v in tags.items():

@@ -197,10 +197,12 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
 
 
 def read_manifest(shards: str | Path) -> dict:
-    path = Path(shards) / MANIFEST
-    if not path.exists():
+    from tasks.storage import exists, join, read_text
+
+    path = join(shards, MANIFEST)
+    if not exists(path):
         raise FileNotFoundError(f"no {MANIFEST} in {shards}: run `ganforge shard` first")
-    m = json.loads(path.read_text())
+    m = json.loads(read_text(path))
     if m.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} has format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     return m
@@ -208,6 +210,10 @@ def read_manifest(shards: str | Path) -> dict:
 
 def manifest_hash(shards: str | Path) -> str:
     """Content hash of a shard set (the manifest lists every shard's sha256)."""
+    from tasks.storage import is_remote, join, read_text
+
+    if is_remote(shards):
+        return hashlib.sha256(read_text(join(shards, MANIFEST)).encode()).hexdigest()
     return sha256_file(Path(shards) / MANIFEST)
 
 

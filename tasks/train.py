@@ -20,12 +20,18 @@ from models.base import StageSpec, get_family
 from tasks.loop import STATE, load_state, ray_train_loop
 from tasks.params import Params
 from tasks.shard import manifest_hash, read_manifest
+from tasks.storage import arrow_fs, configure_s3, is_remote
 
 log = logging.getLogger("ganforge.train")
 
 SUMMARY = "summary.json"
-# Parameters that change what a checkpoint means: a RUN_DIR resumes only with the same values.
-_IDENTITY_KEYS = ("family", "batch_size", "seed", "progan")
+TOKENS_DIR = "tokens"
+
+
+def identity(tp) -> dict:
+    """Parameters that change what a checkpoint means: a RUN_DIR resumes only with the same values."""
+    d = tp.model_dump(mode="json")
+    return {k: d[k] for k in ("family", "batch_size", "seed", tp.family)}
 
 
 def storage_root(params: Params, run_dir: Path) -> str:
@@ -38,19 +44,11 @@ def storage_root(params: Params, run_dir: Path) -> str:
     return str((Path(base) / run_dir.name).resolve())
 
 
-def _fs(path: str):
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
 def latest_checkpoint(storage: str, stage: StageSpec) -> str | None:
     """The newest complete checkpoint of ``stage`` over all its attempts in ``storage``."""
     import pyarrow.fs as pafs
 
-    fs, root = _fs(storage)
+    fs, root = arrow_fs(storage)
     try:
         attempts = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except (FileNotFoundError, OSError):
@@ -78,11 +76,14 @@ def _write_json(path: Path, obj: dict) -> None:
 def init_ray(params: Params) -> None:
     import ray
 
+    env = configure_s3(params.runtime.s3_endpoint_url)  # this process, and (below) every Ray worker
     if ray.is_initialized():
         return
     kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
     if params.runtime.ray_address:
         kwargs["address"] = params.runtime.ray_address
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
     ray.init(**kwargs)
 
 
@@ -98,17 +99,17 @@ def _open_run(shards: str | Path, out: str | Path, params: Params) -> tuple[Path
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
-    identity = {k: tp.model_dump(mode="json")[k] for k in _IDENTITY_KEYS}
+    ident = identity(tp)
     summary_path = run_dir / SUMMARY
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        if summary.get("identity") != identity:
+        if summary.get("identity") != ident:
             raise ValueError(
                 f"{run_dir} holds a run with different training parameters ({summary.get('identity')}); "
                 f"use a new --out or restore those parameters"
             )
     else:
-        summary = {"family": family.name, "identity": identity, "stages": {}, "final_checkpoint": None}
+        summary = {"family": family.name, "identity": ident, "stages": {}, "final_checkpoint": None}
     summary["data"] = {"shards": str(shards), "manifest_sha256": manifest_hash(shards)}
     summary["params"] = params.model_dump(mode="json")
     storage = storage_root(params, run_dir)
@@ -123,14 +124,15 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
     ``init``: the previous stage's final checkpoint (default: from summary.json).
     """
     run_dir, summary, storage = _open_run(shards, out, params)
-    stage = get_family(params.train).stages()[stage_index]
+    family = get_family(params.train)
+    stage = family.stages()[stage_index]
     rec = summary["stages"].get(stage.name)
-    if rec and rec.get("done"):
+    if rec and rec.get("done") and stage.kind == "train":
         log.info("stage %s already finished: %s", stage.name, rec["checkpoint"])
         export_stage(run_dir, stage.name, rec)
         return rec
     if init is None and stage_index > 0:
-        prev = get_family(params.train).stages()[stage_index - 1]
+        prev = family.stages()[stage_index - 1]
         prev_rec = summary["stages"].get(prev.name)
         if not prev_rec or not prev_rec.get("done"):
             raise ValueError(f"stage {stage.name} needs stage {prev.name} to have finished first")
@@ -139,10 +141,21 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
         if not Path(init, STATE).exists():
             raise FileNotFoundError(f"initial checkpoint {init} (previous stage) has no {STATE}")
         init = str(Path(init).resolve())  # Ray workers run in their own working directory
-    resume = latest_checkpoint(storage, stage)
-    run_one_stage(params, stage, shards, run_dir, storage, init=init, resume=resume, fault=fault, summary=summary,
-                  on_progress=on_progress)
-    export_stage(run_dir, stage.name, summary["stages"][stage.name])
+    if stage.kind == "tokens":
+        summary["stages"][stage.name] = tokens_stage(params, stage, shards, run_dir, init, on_progress)
+    else:
+        if stage.info.get("data") == "tokens":
+            shards = _token_shards(run_dir, family, stage)
+        resume = latest_checkpoint(storage, stage)
+        finished = _finished_checkpoint(resume, stage)
+        if finished is not None:  # stopped after the stage's last checkpoint, before summary.json was written
+            log.info("stage %s: its latest checkpoint %s already completes it", stage.name, resume)
+            summary["stages"][stage.name] = finished
+        else:
+            run_one_stage(params, stage, shards, run_dir, storage, init=init, resume=resume, fault=fault,
+                          summary=summary, on_progress=on_progress)
+        summary["stages"][stage.name]["notes"] = family.notes(stage)
+        export_stage(run_dir, stage.name, summary["stages"][stage.name])
     last = get_family(params.train).stages()[-1]
     if stage.name == last.name:
         summary["final_checkpoint"] = summary["stages"][stage.name]["checkpoint"]
@@ -154,6 +167,54 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
         summary["stages"] = on_disk["stages"]
     _write_json(path, summary)
     return summary["stages"][stage.name]
+
+
+def _finished_checkpoint(ckpt: str | None, stage: StageSpec) -> dict | None:
+    """The stage record for ``ckpt`` when that checkpoint already holds all of the stage's images."""
+    if ckpt is None:
+        return None
+    from tasks.loop import checkpoint_dir
+
+    with checkpoint_dir(ckpt) as d:
+        meta = json.loads((Path(d) / "meta.json").read_text())
+    if meta.get("images_in_stage", 0) < int(round(stage.kimg * 1000)):
+        return None
+    return {"done": True, "index": stage.index, "resolution": stage.resolution, "checkpoint": ckpt,
+            "images_seen": meta["images_in_stage"], "wall_time_s": 0.0, "images_per_s": None,
+            "last_metrics": {k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, (int, float))},
+            "resumed_from": ckpt}
+
+
+def _token_shards(run_dir: Path, family, stage: StageSpec) -> Path:
+    src = next((s for s in family.stages() if s.kind == "tokens" and s.index < stage.index), None)
+    path = run_dir / TOKENS_DIR
+    if src is None or not (path / "manifest.json").exists():
+        raise FileNotFoundError(f"stage {stage.name} trains on tokens, but {path} has none: run the tokens stage first")
+    return path
+
+
+def tokens_stage(params: Params, stage: StageSpec, shards, run_dir: Path, init: str | None, on_progress=None) -> dict:
+    """Encode every shard with the previous stage's autoencoder (idempotent: same inputs, same tokens)."""
+    from tasks.tokens import extract_tokens
+
+    if not init:
+        raise ValueError(f"stage {stage.name} needs the autoencoder checkpoint of the stage before it")
+    if params.train.vqgan.token_workers > 1:
+        init_ray(params)
+    t0 = time.perf_counter()
+    m = extract_tokens(init, shards, run_dir / TOKENS_DIR, workers=params.train.vqgan.token_workers, progress=False)
+    wall = time.perf_counter() - t0
+    if on_progress is not None:
+        on_progress(1.0)
+    log.info("stage %s: %d token grids in %.1fs", stage.name, m["count"], wall)
+    return {
+        "done": True, "index": stage.index, "resolution": stage.resolution, "kind": "tokens",
+        "checkpoint": init,  # the next stage starts from the autoencoder that made the tokens
+        "shards": str((run_dir / TOKENS_DIR).resolve()), "manifest_sha256": manifest_hash(run_dir / TOKENS_DIR),
+        "images_seen": m["count"], "wall_time_s": round(wall, 2), "images_per_s": round(m["count"] / wall, 1),
+        "last_metrics": {f"{split}_{k}": v for split, e in m["splits"].items()
+                         for k, v in e.items() if k in ("codebook_usage", "perplexity")},
+    }
 
 
 def export_stage(run_dir: Path, stage_name: str, rec: dict) -> Path:
@@ -176,7 +237,9 @@ def export_stage(run_dir: Path, stage_name: str, rec: dict) -> Path:
     hist = read_history(run_dir, stage_name)
     if hist:
         (run_dir / "plots").mkdir(exist_ok=True)
-        keys = ["step", "kimg", "alpha", "loss_d", "loss_g", "penalty", "images_per_s"]
+        keys = [k for k in ("step", "kimg", "alpha", "loss_d", "loss_g", "penalty", "loss_rec", "loss_q",
+                            "codebook_usage", "perplexity", "loss_prior", "lr", "images_per_s")
+                if any(k in h for h in hist)]
         with open(run_dir / "plots" / f"{stage_name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
@@ -209,7 +272,7 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
     if resume:
         log.info("stage %s: resuming from %s", stage.name, resume)
     config = {
-        "params": tp.model_dump(mode="json"), "stage": stage.index, "shards": str(Path(shards).resolve()),
+        "params": tp.model_dump(mode="json"), "stage": stage.index, "shards": shards if is_remote(shards) else str(Path(shards).resolve()),
         "run_dir": str(run_dir.resolve()), "init": init, "resume": resume, "fault": fault,
         "threads": max(1, int(tp.cpus_per_worker)),
     }
@@ -217,13 +280,14 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
     resources = {"CPU": tp.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = tp.gpus_per_worker
+    storage_fs, storage_path = arrow_fs(storage) if is_remote(storage) else (None, storage)
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tp.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=storage,
+            storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=tp.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tp.checkpoints_to_keep),
         ),
@@ -242,7 +306,9 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
     ckpt = result.checkpoint.path
-    if "://" not in ckpt and not ckpt.startswith("/"):
+    if is_remote(storage):
+        ckpt = f"{storage.split('://')[0]}://{ckpt.lstrip('/')}" if "://" not in ckpt else ckpt
+    elif not ckpt.startswith("/"):
         ckpt = str(Path(ckpt).resolve())
     m = result.metrics or {}
     images = int(round(float(m.get("kimg", stage.kimg)) * 1000))
@@ -299,7 +365,7 @@ def load_generator(checkpoint: str | Path, device: str = "cpu"):
     if stage is None:
         raise ValueError(f"checkpoint stage {state['stage']} is not a stage of its own params")
     modules = family.build(stage)
-    ema = {k: modules[k] for k in family.ema_modules}
+    ema = {k: modules[k] for k in family.ema_names(stage)}
     for k, m in ema.items():
         m.load_state_dict(state["ema"][k])
         m.to(device).eval().requires_grad_(False)

@@ -70,3 +70,17 @@ def test_section_hash_tracks_content():
     a, b = Params(), Params.model_validate({"eval": {"num_samples": 10}})
     assert a.section_hash("data", "train") == b.section_hash("data", "train")
     assert a.section_hash("eval") != b.section_hash("eval")
+
+
+def test_environment_overrides_sit_between_the_file_and_set(monkeypatch):
+    """GANFORGE__SECTION__KEY is how containers and pods get cluster settings (infra/)."""
+    from tasks.params import ParamsError, load_params
+
+    monkeypatch.setenv("GANFORGE__RUNTIME__RAY_ADDRESS", "ray-head:6379")
+    monkeypatch.setenv("GANFORGE__TRAIN__WORKERS", "4")
+    p = load_params(None)
+    assert p.runtime.ray_address == "ray-head:6379" and p.train.workers == 4
+    assert load_params(None, ["train.workers=3"]).train.workers == 3  # --set wins
+    monkeypatch.setenv("GANFORGE__TRAIN__BATCH_SIZE", "many")
+    with pytest.raises(ParamsError, match=r"GANFORGE__\* environment[\s\S]*train.batch_size"):
+        load_params(None)

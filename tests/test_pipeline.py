@@ -85,3 +85,25 @@ def test_flow_interrupted_stage_resumes(harness, tmp_path):
     rec = summary["stages"]["progan-r0008"]
     assert rec["resumed_from"] and rec["resumed_from"].endswith("ckpt-0000000064")
     assert r["final_checkpoint"] == rec["checkpoint"] and rec["images_seen"] == 96
+
+
+def test_flow_runs_the_vqgan_family(harness, tmp_path):
+    """The same flow trains VQ-GAN's heterogeneous stages (autoencoder -> tokens -> prior), evaluates samples
+    and reconstructions, and registers a generator that samples through prior + decoder."""
+    from flows.pipeline import train_pipeline
+    from tasks.registry import sample_registered, setup_mlflow
+
+    p = tiny(tmp_path, "vq", family="vqgan", batch_size=8, vqgan=dict(
+        ch=8, ch_mult=[1, 2], z_channels=8, embed_dim=8, n_embed=16, disc_start=2, disc_ch=8, disc_layers=1, n_layer=1, n_head=2,
+        n_embd=16, autoencoder_kimg=0.032, prior_kimg=0.032, token_workers=1))
+    state = train_pipeline(params=p, return_state=True)
+    r = state.result()
+    states = _task_states(state.state_details.flow_run_id)
+    assert sorted(k for k in states if k.startswith("train-stage")) == [f"train-stage-{i}" for i in range(3)]
+    assert all(v == "Completed" for v in states.values()), states
+    assert r["fid"] > 0 and r["rfid"] > 0 and 0 < r["codebook_usage"] <= 1
+    assert r["model"] == "ganforge-vqgan" and r["version"] == 1
+    setup_mlflow(p.runtime)
+    imgs = sample_registered(f"models:/{r['model']}/{r['version']}", [0, 1, 2])
+    assert imgs.shape == (3, 8, 8, 3) and imgs.dtype == "uint8"
+    assert (Path(p.train.out) / "tokens" / "manifest.json").exists()

@@ -1,0 +1,518 @@
+"""VQ-GAN (Esser et al. 2020, "Taming Transformers for High-Resolution Image Synthesis").
+
+Three stages of different kinds, behind the same family interface:
+
+1. ``vqgan-1-autoencoder`` (train): convolutional encoder -> vector quantizer ->
+   decoder, trained with L1 (+ LPIPS when its weights are configured) + the
+   codebook/commitment terms + a PatchGAN hinge loss switched on after
+   ``disc_start`` steps and weighted adaptively at the decoder's last layer.
+2. ``vqgan-2-tokens`` (data): every shard encoded into code-index grids
+   (tasks/tokens.py); no training.
+3. ``vqgan-3-prior`` (train): a GPT over the flattened code grid (models/prior.py),
+   trained on the token shards; the frozen autoencoder rides along in the
+   checkpoint so the stage samples images by itself (prior -> decoder).
+
+The architecture follows taming-transformers' ``Encoder``/``Decoder``/
+``NLayerDiscriminator`` (ResNet blocks, self-attention at the lowest resolution,
+1x1 convs into and out of the quantizer), written afresh and sized for small
+images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import GANFamily, StageSpec, StepContext
+from tasks.params import TrainParams
+
+log = logging.getLogger("ganforge.vqgan")
+
+AUTOENCODER, TOKENS, PRIOR = "vqgan-1-autoencoder", "vqgan-2-tokens", "vqgan-3-prior"
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    groups = math.gcd(32, ch)
+    return nn.GroupNorm(groups, ch, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention (taming's AttnBlock), via scaled_dot_product_attention."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = _norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Encoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, attn: bool,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        blocks: list[nn.Module] = []
+        cin = ch
+        for level, mult in enumerate(ch_mult):
+            cout = ch * mult
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(cin, cout, dropout))
+                cin = cout
+            if level != len(ch_mult) - 1:
+                blocks.append(nn.Conv2d(cin, cin, 3, stride=2, padding=1))  # downsample by 2
+        self.down = nn.Sequential(*blocks)
+        self.mid = nn.Sequential(ResnetBlock(cin, cin, dropout), AttnBlock(cin) if attn else nn.Identity(),
+                                 ResnetBlock(cin, cin, dropout))
+        self.norm_out = _norm(cin)
+        self.conv_out = nn.Conv2d(cin, z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.down(self.conv_in(x)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Decoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, attn: bool,
+                 dropout: float = 0.0):
+        super().__init__()
+        cin = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, cin, 3, padding=1)
+        self.mid = nn.Sequential(ResnetBlock(cin, cin, dropout), AttnBlock(cin) if attn else nn.Identity(),
+                                 ResnetBlock(cin, cin, dropout))
+        blocks: list[nn.Module] = []
+        for level in reversed(range(len(ch_mult))):
+            cout = ch * ch_mult[level]
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(cin, cout, dropout))
+                cin = cout
+            if level != 0:
+                blocks.append(Upsample(cin))
+        self.up = nn.Sequential(*blocks)
+        self.norm_out = _norm(cin)
+        self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.mid(self.conv_in(z)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook quantization with the straight-through estimator.
+
+    loss = ||sg[z_e] - e||^2 + beta * ||z_e - sg[e]||^2 (van den Oord et al. 2017): the codebook
+    term moves the codes, the beta-weighted commitment term keeps the encoder near them.
+    taming-transformers' default (``legacy=True``) puts beta on the codebook term instead;
+    ``legacy=True`` here reproduces that for comparison.
+    """
+
+    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy: bool = False):
+        super().__init__()
+        self.n_embed, self.embed_dim, self.beta, self.legacy = n_embed, embed_dim, beta, legacy
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+        self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
+        # code use since the last dead-code restart, summed over all ranks (identical on every rank)
+        self.register_buffer("usage", torch.zeros(n_embed), persistent=True)
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, d, h, w] -> nearest code indices [B, h, w]."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.embed_dim).float()
+        e = self.embedding.weight.float()
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+        return d.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
+
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        """Code indices [B, h, w] -> quantized vectors [B, d, h, w]."""
+        return self.embedding(idx).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        idx = self.codes(z)
+        zq = self.lookup(idx).to(z.dtype)
+        codebook = F.mse_loss(zq, z.detach())
+        commitment = F.mse_loss(z, zq.detach())
+        loss = self.beta * codebook + commitment if self.legacy else codebook + self.beta * commitment
+        zq = z + (zq - z).detach()  # straight-through: d zq / d z = I
+        return zq, loss, {"indices": idx, "codebook_loss": codebook.detach(), "commitment_loss": commitment.detach()}
+
+
+def codebook_stats(indices: torch.Tensor, n_embed: int) -> dict[str, float]:
+    """Fraction of codes used and the perplexity exp(H(p)) of the code histogram."""
+    counts = torch.bincount(indices.reshape(-1), minlength=n_embed).double()
+    p = counts / counts.sum().clamp(min=1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"codebook_usage": float((counts > 0).double().mean()), "perplexity": float(entropy.exp())}
+
+
+class VQModel(nn.Module):
+    def __init__(self, ch: int, ch_mult, num_res_blocks: int, z_channels: int, embed_dim: int, n_embed: int,
+                 beta: float, legacy: bool, attn: bool, dropout: float = 0.0):
+        super().__init__()
+        self.encoder = Encoder(ch, tuple(ch_mult), num_res_blocks, z_channels, attn, dropout)
+        self.decoder = Decoder(ch, tuple(ch_mult), num_res_blocks, z_channels, attn, dropout)
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.quantize = VectorQuantizer(n_embed, embed_dim, beta, legacy)
+        self.downsample = 2 ** (len(ch_mult) - 1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        return self.quantize(self.quant_conv(self.encoder(x)))
+
+    def decode(self, zq: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(zq))
+
+    @torch.no_grad()
+    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize.codes(self.quant_conv(self.encoder(x)))
+
+    def decode_codes(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.quantize.lookup(idx))
+
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        zq, qloss, info = self.encode(x)
+        return self.decode(zq), qloss, info
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix / taming's NLayerDiscriminator): a grid of real/fake logits, one per patch."""
+
+    def __init__(self, ch: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ch * prev, ch * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ch * mult),
+                       nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ch * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # taming's weights_init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+# ----------------------------------------------------------------------------- LPIPS (optional)
+
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG (Zhang et al. 2018) from local weights: a torchvision VGG16 state dict and the
+    LPIPS linear heads (the ``lpips`` package's ``weights/v0.1/vgg.pth``, keys ``lin0.model.1.weight``..)."""
+
+    _CUTS = (4, 9, 16, 23, 30)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    _CHANNELS = (64, 128, 256, 512, 512)
+
+    def __init__(self, vgg_path: str | Path, lin_path: str | Path):
+        super().__init__()
+        from torchvision.models import vgg16
+
+        vgg = vgg16(weights=None)
+        vgg.load_state_dict(torch.load(vgg_path, map_location="cpu", weights_only=True))
+        self.features = vgg.features[: self._CUTS[-1]]
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self._CHANNELS)
+        lin = torch.load(lin_path, map_location="cpu", weights_only=True)
+        for i, conv in enumerate(self.lins):
+            conv.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
+        self.requires_grad_(False).eval()
+
+    def _feats(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out, h, start = [], (x - self.shift) / self.scale, 0
+        for cut in self._CUTS:
+            h = self.features[start:cut](h)
+            out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+            start = cut
+        return out
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-image distance [B] of images in [-1, 1]."""
+        return sum(lin((fa - fb).pow(2)).mean((1, 2, 3)) for lin, fa, fb in zip(self.lins, self._feats(a), self._feats(b)))
+
+
+def load_lpips(vgg_path: str | None, lin_path: str | None) -> tuple[LPIPS | None, str]:
+    """(LPIPS, "enabled ...") or (None, the reason it is off)."""
+    if not vgg_path or not lin_path:
+        return None, ("disabled: train.vqgan.lpips_vgg_path / lpips_lin_path are not set (VGG weights cannot be "
+                      "downloaded here); reconstruction loss is L1 only")
+    for p in (vgg_path, lin_path):
+        if not Path(p).exists():
+            return None, f"disabled: {p} does not exist; reconstruction loss is L1 only"
+    try:
+        return LPIPS(vgg_path, lin_path), f"enabled: LPIPS-VGG from {vgg_path} + {lin_path}"
+    except (RuntimeError, KeyError, OSError) as e:
+        return None, f"disabled: cannot load LPIPS weights ({type(e).__name__}: {str(e)[:200]})"
+
+
+# ----------------------------------------------------------------------------- the family
+
+
+def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+
+
+class VQGAN(GANFamily):
+    name = "vqgan"
+
+    def __init__(self, params: TrainParams):
+        super().__init__(params)
+        self.p = params.vqgan
+        self.grid_hw = params.resolution // 2 ** (len(self.p.ch_mult) - 1)
+        self.n_tokens = self.grid_hw**2
+        # one uniform per token (+ one for the class when class-conditional) drives sampling
+        self.latent_dim = self.n_tokens + (1 if self.p.prior_classes else 0)
+        self._lpips: LPIPS | None = None
+        self._lpips_loaded = False
+
+    # --- stages
+    def stages(self) -> list[StageSpec]:
+        r = self.params.resolution
+        return [
+            StageSpec(AUTOENCODER, 0, r, self.p.autoencoder_kimg, kind="train"),
+            StageSpec(TOKENS, 1, r, 0.0, kind="tokens"),
+            StageSpec(PRIOR, 2, r, self.p.prior_kimg, kind="train", info={"data": "tokens", "grid": self.grid_hw}),
+        ]
+
+    def can_sample(self, stage: StageSpec) -> bool:
+        return stage.name == PRIOR
+
+    def ema_names(self, stage: StageSpec) -> tuple[str, ...]:
+        return ("VQ",) if stage.name != PRIOR else ("GPT", "VQ")
+
+    def use_ema(self, stage: StageSpec) -> bool:
+        return self.p.ema
+
+    def notes(self, stage: StageSpec) -> dict[str, str]:
+        if stage.name != AUTOENCODER:
+            return {}
+        _, reason = self.perceptual()
+        return {"perceptual_loss": reason}
+
+    def vq_model(self) -> VQModel:
+        p = self.p
+        return VQModel(p.ch, p.ch_mult, p.num_res_blocks, p.z_channels, p.embed_dim, p.n_embed, p.beta,
+                       p.legacy_beta, p.attention)
+
+    def gpt(self):
+        from models.prior import GPT
+
+        p = self.p
+        return GPT(p.n_embed, self.n_tokens, p.n_layer, p.n_head, p.n_embd, max(1, p.prior_classes), p.dropout)
+
+    def build(self, stage: StageSpec) -> dict[str, nn.Module]:
+        if stage.name == AUTOENCODER:
+            return {"VQ": self.vq_model(), "D": PatchDiscriminator(self.p.disc_ch, self.p.disc_layers)}
+        if stage.name == TOKENS:
+            return {"VQ": self.vq_model()}
+        return {"GPT": self.gpt(), "VQ": self.vq_model().requires_grad_(False)}
+
+    def grow(self, modules, previous) -> None:
+        if "VQ" in modules and "VQ" not in previous:
+            raise ValueError("the prior stage starts from the autoencoder's checkpoint, which has no 'VQ' weights")
+        super().grow({k: m for k, m in modules.items() if k in previous}, previous)
+
+    def optimizers(self, modules):
+        p = self.p
+        if "GPT" in modules:
+            from models.prior import adamw_param_groups
+
+            return {"GPT": torch.optim.AdamW(adamw_param_groups(modules["GPT"], p.weight_decay), lr=p.prior_lr,
+                                             betas=(0.9, 0.95))}
+        return {
+            "VQ": torch.optim.Adam(modules["VQ"].parameters(), lr=p.lr, betas=tuple(p.betas)),
+            "D": torch.optim.Adam(modules["D"].parameters(), lr=p.lr, betas=tuple(p.betas)),
+        }
+
+    # --- training
+    def perceptual(self) -> tuple[LPIPS | None, str]:
+        if not self._lpips_loaded:
+            self._lpips, self._lpips_reason = load_lpips(self.p.lpips_vgg_path, self.p.lpips_lin_path)
+            self._lpips_loaded = True
+            (log.info if self._lpips is not None else log.warning)("VQ-GAN perceptual loss %s", self._lpips_reason)
+        return self._lpips, self._lpips_reason
+
+    def train_step(self, modules, opts, real, labels, stage, ctx: StepContext) -> dict[str, float]:
+        if stage.name == PRIOR:
+            return self._prior_step(modules, opts, real, labels, stage, ctx)
+        return self._autoencoder_step(modules, opts, real, ctx)
+
+    def _autoencoder_step(self, modules, opts, real, ctx: StepContext) -> dict[str, float]:
+        VQ, D, p = modules["VQ"], modules["D"], self.p
+        inner = VQ.module if hasattr(VQ, "module") else VQ
+        gan_on = ctx.step >= p.disc_start
+        with ctx.autocast():
+            rec, qloss, info = VQ(real)
+        rec = rec.float()
+        l1 = (real - rec).abs().mean()
+        rec_loss = l1
+        lp, _ = self.perceptual()
+        metrics: dict[str, float] = {}
+        if lp is not None:
+            lp.to(real.device)
+            perc = lp(real, rec).mean()
+            rec_loss = rec_loss + p.perceptual_weight * perc
+            metrics["perceptual"] = float(perc.detach())
+        loss = rec_loss + qloss.float()
+        if gan_on:
+            with ctx.no_sync(D):  # D's gradients from the generator pass are local and discarded
+                with ctx.autocast():
+                    g_loss = -D(rec).float().mean()
+                last = inner.last_layer()
+                (g_rec,) = torch.autograd.grad(rec_loss, last, retain_graph=True)
+                (g_gan,) = torch.autograd.grad(g_loss, last, retain_graph=True)
+                d_weight = (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach() * p.disc_weight
+                loss = loss + d_weight * g_loss
+                opts["VQ"].zero_grad(set_to_none=True)
+                loss.backward()
+            metrics.update(loss_g=float(g_loss.detach()), d_weight=float(d_weight))
+        else:
+            opts["VQ"].zero_grad(set_to_none=True)
+            loss.backward()
+        opts["VQ"].step()
+        if gan_on:
+            with ctx.autocast():
+                d_real, d_fake = D(real).float(), D(rec.detach()).float()
+            d_loss = hinge_d_loss(d_real, d_fake)
+            opts["D"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            opts["D"].step()
+            metrics.update(loss_d=float(d_loss.detach()), d_real=float(d_real.mean().detach()),
+                           d_fake=float(d_fake.mean().detach()))
+        restarted = 0
+        if p.restart_every:
+            restart_now = (ctx.step + 1) % p.restart_every == 0
+            with torch.no_grad():
+                z = inner.quant_conv(inner.encoder(real)) if restart_now else None
+            restarted = self._restart_dead_codes(inner.quantize, info["indices"], z, ctx)
+        # the codebook and commitment terms are the same squared distance; only their gradients differ
+        metrics.update(loss_rec=float(rec_loss.detach()), l1=float(l1.detach()), loss_q=float(qloss.detach()),
+                       vq_mse=float(info["codebook_loss"]), restarted_codes=float(restarted),
+                       **codebook_stats(info["indices"], p.n_embed))
+        return metrics
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, q: VectorQuantizer, indices: torch.Tensor, z: torch.Tensor | None,
+                            ctx: StepContext) -> int:
+        """Count code use (all ranks); every ``restart_every`` steps move codes unused since the last
+        restart onto randomly chosen encoder outputs of this batch (rank 0's, broadcast), so replicas stay equal."""
+        import torch.distributed as dist
+
+        counts = torch.bincount(indices.reshape(-1), minlength=q.n_embed).float()
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(counts)
+        q.usage.add_(counts.to(q.usage.device))
+        if z is None:
+            return 0
+        dead = (q.usage == 0).nonzero().flatten()
+        n = int(dead.numel())
+        if n:
+            flat = z.permute(0, 2, 3, 1).reshape(-1, q.embed_dim)
+            pick = torch.randint(0, flat.shape[0], (n,), generator=ctx.generator).to(flat.device)
+            new = flat[pick].to(q.embedding.weight.dtype)
+            if distributed:
+                dist.broadcast(new, 0)
+            q.embedding.weight.data[dead.to(q.embedding.weight.device)] = new
+        q.usage.zero_()
+        return n
+
+    def _prior_step(self, modules, opts, tokens, labels, stage, ctx: StepContext) -> dict[str, float]:
+        from models.prior import cosine_lr
+
+        p = self.p
+        total = max(1, int(math.ceil(stage.kimg * 1000 / self.params.batch_size)))
+        lr = cosine_lr(ctx.step, total, p.prior_lr, p.warmup_steps)
+        for g in opts["GPT"].param_groups:
+            g["lr"] = lr
+        seq = tokens.reshape(tokens.shape[0], -1).long()
+        cond = self._labels(labels, seq.shape[0], seq.device)
+        with ctx.autocast():
+            logits = modules["GPT"](seq[:, :-1], cond)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), seq.reshape(-1))
+        opts["GPT"].zero_grad(set_to_none=True)
+        loss.backward()
+        if p.grad_clip:
+            torch.nn.utils.clip_grad_norm_(modules["GPT"].parameters(), p.grad_clip)
+        opts["GPT"].step()
+        return {"loss_prior": float(loss.detach()), "bits_per_token": float(loss.detach()) / math.log(2), "lr": lr}
+
+    def _labels(self, labels: torch.Tensor | None, n: int, device) -> torch.Tensor:
+        if not self.p.prior_classes:
+            return torch.zeros(n, dtype=torch.long, device=device)
+        if labels is None or (labels < 0).any() or (labels >= self.p.prior_classes).any():
+            raise ValueError(f"train.vqgan.prior_classes={self.p.prior_classes} needs every sample to have a label "
+                             f"in [0, {self.p.prior_classes}); got {None if labels is None else labels.tolist()[:8]}")
+        return labels.long().to(device)
+
+    # --- sampling
+    def reconstruct(self, ema, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return ema["VQ"](x)[0].float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def generate(self, ema, z, stage, labels=None, **_) -> torch.Tensor:
+        if "GPT" not in ema:
+            raise ValueError(f"stage {stage.name} is the autoencoder: it reconstructs but has no sampler; "
+                             f"use the {PRIOR} checkpoint")
+        from models.prior import sample
+
+        u = torch.special.ndtr(z.float())  # N(0,1) latents -> uniforms: one per token (+ class)
+        if self.p.prior_classes and labels is None:
+            labels = (u[:, -1] * self.p.prior_classes).long().clamp(max=self.p.prior_classes - 1)
+        cond = self._labels(labels, z.shape[0], z.device)
+        idx = sample(ema["GPT"], cond, (self.grid_hw, self.grid_hw), u[:, : self.n_tokens],
+                     temperature=self.p.temperature, top_k=self.p.top_k, top_p=self.p.top_p)
+        return ema["VQ"].decode_codes(idx).float().clamp(-1, 1)
+
+    def grid(self, ema, stage, z, real_fn, images_in_stage=None) -> torch.Tensor:
+        if stage.name == PRIOR:
+            return self.generate(ema, z, stage)
+        real = real_fn()
+        rec = self.reconstruct(ema, real)
+        n = self.params.grid_size
+        # alternate rows: inputs, then their reconstructions
+        rows = []
+        for i in range(0, len(real), n):
+            rows += [real[i : i + n], rec[i : i + n]]
+        return torch.cat(rows)[: len(real)]
