@@ -1,6 +1,7 @@
 """A deployment created against a test Prefect server and a run triggered through the API completes.
 The deployment is served by `ganforge serve` in a subprocess (what a user runs next to `prefect server start`)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -62,3 +63,44 @@ def test_deployment_run_through_the_api(tmp_path):
     import json
 
     assert json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["num_samples"] == 5
+
+
+def test_work_pool_deployment_runs_on_a_prefect_worker(tmp_path):
+    """`ganforge deploy --work-pool` (what infra/compose.yaml and infra/k8s run) registers deployments that a
+    `prefect worker` of that pool executes from the installed code: here an evaluate run without a checkpoint,
+    which must reach our flow and fail with its own message."""
+    import anyio
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_USAGE_STATS_ENABLED": "0"}
+
+        def cli(*args, timeout=180):
+            r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+            return r.stdout
+
+        bin_dir = Path(sys.executable).parent
+        cli(str(bin_dir / "prefect"), "work-pool", "create", "gf-test", "--type", "process")
+        out = cli(str(bin_dir / "ganforge"), "-q", "deploy", "--work-pool", "gf-test")
+        assert len(json.loads(out.strip().splitlines()[-1])["deployments"]) == 3  # the last line is the result
+
+        async def deployment():
+            async with get_client() as c:
+                return await c.read_deployment_by_name("evaluate/ganforge")
+
+        dep = anyio.run(deployment)
+        assert dep.work_pool_name == "gf-test" and dep.entrypoint == "flows/pipeline.py:evaluate_flow"
+        run = run_deployment("evaluate/ganforge", timeout=0)
+        cli(str(bin_dir / "prefect"), "worker", "start", "--pool", "gf-test", "--run-once", timeout=240)
+
+        async def final_state():
+            async with get_client() as c:
+                return (await c.read_flow_run(run.id)).state
+
+        state = anyio.run(final_state)
+        assert state.is_failed() and "give a checkpoint or a model_uri" in (state.message or "") + str(
+            state.result(raise_on_failure=False)), state
