@@ -174,7 +174,9 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     prev = None
     stage_recs = []
     for st in get_family(params.train).stages():
-        rec = stage_task(params, st.index, shards["manifest_sha256"], prev)
+        # a cached tokens stage is only valid while its token shards exist
+        gone = st.kind == "tokens" and not (Path(params.train.out) / "tokens" / "manifest.json").exists()
+        rec = stage_task.with_options(refresh_cache=gone)(params, st.index, shards["manifest_sha256"], prev)
         stage_recs.append(rec)
         prev = rec["checkpoint"]
     create_table_artifact(
