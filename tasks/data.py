@@ -126,15 +126,23 @@ class TrainStream(IterableDataset):
         start_batch: int = 0,
     ):
         m = read_manifest(shards)
-        if resolution > m["resolution"]:
-            raise ValueError(f"requested {resolution}px but the shards in {shards} are {m['resolution']}px")
+        self._configure(m, shards, resolution)
         if split not in m["splits"] or m["splits"][split]["count"] == 0:
             raise ValueError(f"split {split!r} of {shards} is empty")
         self.shards = [(shard_url(shards, s), s["count"]) for s in m["splits"][split]["shards"]]
         self.resolution, self.batch_size = resolution, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.xflip, self.shuffle_buffer = xflip, shuffle_buffer
+        self.xflip, self.shuffle_buffer = xflip and self.flippable, shuffle_buffer
         self.start_batch = start_batch  # batches of this rank already consumed (exact resume)
+
+    flippable = True
+
+    def _configure(self, m: dict, shards, resolution: int) -> None:
+        """Checks and fields that depend on what the shards hold (images here)."""
+        if m.get("kind") == "tokens":
+            raise ValueError(f"{shards} holds code-index tokens, not images")
+        if resolution > m["resolution"]:
+            raise ValueError(f"requested {resolution}px but the shards in {shards} are {m['resolution']}px")
         self.stored_resolution = m["resolution"]
         self._npy_header = npy_header_for(m["resolution"])
 
@@ -213,19 +221,11 @@ class TrainStream(IterableDataset):
 class TokenStream(TrainStream):
     """Endless batches ``(codes[B,h,w] int64, labels[B])`` of a token shard set (tasks/tokens.py)."""
 
-    def __init__(self, shards: str | Path, resolution: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, xflip: bool = False, shuffle_buffer: int = 512, split: str = "train",
-                 start_batch: int = 0):
-        m = read_manifest(shards)
+    flippable = False  # flipping a code grid is not flipping the image
+
+    def _configure(self, m: dict, shards, resolution: int) -> None:
         if m.get("kind") != "tokens":
             raise ValueError(f"{shards} holds images, not code-index tokens (run the tokens stage first)")
-        if split not in m["splits"] or m["splits"][split]["count"] == 0:
-            raise ValueError(f"split {split!r} of {shards} is empty")
-        self.shards = [(shard_url(shards, s), s["count"]) for s in m["splits"][split]["shards"]]
-        self.resolution, self.batch_size = resolution, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.xflip, self.shuffle_buffer = False, shuffle_buffer  # flipping codes is not flipping images
-        self.start_batch = start_batch
         self.grid = tuple(m["grid"])
 
     def _decode(self, raw: dict) -> tuple[np.ndarray, int]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 # GANFORGE__RUNTIME__RAY_ADDRESS=ray-head:6379 sets runtime.ray_address (after the file, before --set / UI
@@ -27,6 +27,15 @@ class ParamsError(ValueError):
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
+
+
+def _check_betas(v: tuple[float, float]) -> tuple[float, float]:
+    if not all(0.0 <= b < 1.0 for b in v):
+        raise ValueError(f"both betas must be in [0, 1), got {v}")
+    return v
+
+
+Betas = Annotated[tuple[float, float], AfterValidator(_check_betas)]  # Adam's (beta1, beta2)
 
 
 class _Section(BaseModel):
@@ -65,7 +74,7 @@ class ProGANParams(_Section):
     stabilize_kimg: float = Field(4.0, gt=0, description="thousands of images at alpha=1 after the transition")
     loss: Literal["wgan-gp", "logistic-r1"] = "wgan-gp"
     lr: float = Field(1e-3, gt=0)
-    betas: tuple[float, float] = (0.0, 0.99)
+    betas: Betas = (0.0, 0.99)
     gp_lambda: float = Field(10.0, ge=0)
     drift: float = Field(0.001, ge=0, description="epsilon-drift penalty on D(real)^2")
     r1_gamma: float = Field(10.0, ge=0)
@@ -78,12 +87,6 @@ class ProGANParams(_Section):
             raise ValueError(f"must be a power of two, got {v}")
         return v
 
-    @field_validator("betas")
-    @classmethod
-    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in v):
-            raise ValueError(f"both betas must be in [0, 1), got {v}")
-        return v
 
 
 class VQGANParams(_Section):
@@ -102,7 +105,7 @@ class VQGANParams(_Section):
     legacy_beta: bool = Field(False, description="taming's legacy loss: beta on the codebook term instead")
     restart_every: int = Field(100, ge=0, description="steps between dead-code restarts (0: never)")
     lr: float = Field(2e-4, gt=0)
-    betas: tuple[float, float] = (0.5, 0.9)
+    betas: Betas = (0.5, 0.9)
     disc_start: int = Field(500, ge=0, description="steps before the PatchGAN loss switches on")
     disc_weight: float = Field(0.8, ge=0, description="factor on the adaptive GAN weight")
     disc_ch: int = Field(32, ge=4)
@@ -136,12 +139,6 @@ class VQGANParams(_Section):
             raise ValueError(f"must be a non-empty list of positive integers, got {v}")
         return v
 
-    @field_validator("betas")
-    @classmethod
-    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in v):
-            raise ValueError(f"both betas must be in [0, 1), got {v}")
-        return v
 
     @model_validator(mode="after")
     def _heads(self) -> "VQGANParams":
