@@ -235,6 +235,7 @@ def run_stage(config: dict, session=None) -> dict:
         modules[k] = modules[k].to(dev, memory_format=mem)
         if any(p.requires_grad for p in modules[k].parameters()):  # frozen modules are not wrapped in DDP
             modules[k] = session.prepare(modules[k])
+    frozen = {k for k, m in modules.items() if not any(p.requires_grad for p in m.parameters())}
     for m in ema.values():
         m.to(dev).eval().requires_grad_(False)
     opts = family.optimizers({k: _unwrap(m) for k, m in modules.items()})
@@ -285,6 +286,8 @@ def run_stage(config: dict, session=None) -> dict:
         last = family.train_step(modules, opts, real, labels.to(dev), stage, ctx)
         with torch.no_grad():
             for k, e in ema.items():
+                if k in frozen:  # e.g. the prior stage's autoencoder: nothing changes
+                    continue
                 src = _unwrap(modules[k])
                 for pe, p in zip(e.parameters(), src.parameters()):
                     pe.lerp_(p.detach(), 1.0 - beta)

@@ -284,3 +284,25 @@ def test_token_stage_refuses_bad_input(digits_shards, tmp_path):
         extract_tokens(tmp_path / "nope", tmp_path, tmp_path / "t", workers=1, progress=False)
     assert not (tmp_path / "t").exists()
     assert Path(digits_shards, "manifest.json").exists()
+
+
+def test_prior_stage_keeps_the_autoencoder_that_made_its_tokens(digits_shards, tmp_path):
+    """With EMA on, the tokens come from the autoencoder's EMA weights; the prior stage must decode with exactly
+    those (its frozen copy is neither trained nor pulled towards anything), in-process (LocalSession)."""
+    from tasks.loop import LocalSession, load_state, run_stage
+    from tasks.tokens import extract_tokens
+
+    tp = TrainParams(family="vqgan", resolution=16, batch_size=8, checkpoint_kimg=1.0, grid_size=2,
+                     ema_half_life_kimg=0.01, vqgan={**TINY, "ema": True, "autoencoder_kimg": 0.04, "prior_kimg": 0.04})
+    cfg = {"params": tp.model_dump(mode="json"), "shards": str(digits_shards), "run_dir": None}
+    ae = LocalSession(tmp_path / "ae", device="cpu")
+    run_stage({**cfg, "stage": 0}, ae)
+    ae_state = load_state(ae.checkpoints[-1])
+    assert not torch.equal(ae_state["ema"]["VQ"]["decoder.conv_out.weight"], ae_state["modules"]["VQ"]["decoder.conv_out.weight"])
+    extract_tokens(ae.checkpoints[-1], digits_shards, tmp_path / "tokens", workers=1, progress=False)
+    prior = LocalSession(tmp_path / "prior", device="cpu")
+    run_stage({**cfg, "stage": 2, "shards": str(tmp_path / "tokens"), "init": ae.checkpoints[-1]}, prior)
+    st = load_state(prior.checkpoints[-1])
+    for k, v in ae_state["ema"]["VQ"].items():
+        assert torch.equal(st["ema"]["VQ"][k], v), k
+    assert not torch.equal(st["ema"]["GPT"]["head.weight"], st["modules"]["GPT"]["head.weight"])  # EMA of the GPT
