@@ -306,3 +306,24 @@ def test_prior_stage_keeps_the_autoencoder_that_made_its_tokens(digits_shards, t
     for k, v in ae_state["ema"]["VQ"].items():
         assert torch.equal(st["ema"]["VQ"][k], v), k
     assert not torch.equal(st["ema"]["GPT"]["head.weight"], st["modules"]["GPT"]["head.weight"])  # EMA of the GPT
+
+
+def test_vqgan_stages_refuse_bad_input(digits_shards, tmp_path):
+    """Missing tokens, missing labels for a class-conditional prior, an autoencoder asked for samples: clear errors."""
+    from models.base import StepContext
+    from tasks.train import train_stage
+
+    p = Params.model_validate({"train": dict(family="vqgan", out=str(tmp_path / "run"), resolution=16, vqgan=TINY)})
+    with pytest.raises(ValueError, match="needs stage vqgan-2-tokens to have finished first"):
+        train_stage(digits_shards, p.train.out, p, 2)
+    with pytest.raises(FileNotFoundError, match="has no state.pt"):
+        train_stage(digits_shards, p.train.out, p, 2, init=str(tmp_path))
+    (tmp_path / "ae").mkdir()
+    (tmp_path / "ae" / "state.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="trains on tokens, but .* has none"):
+        train_stage(digits_shards, p.train.out, p, 2, init=str(tmp_path / "ae"))  # the tokens stage never ran
+    fam = VQGAN(TrainParams(family="vqgan", resolution=16, vqgan={**TINY, "prior_classes": 10}))
+    ctx = StepContext(0, 0, torch.Generator(), torch.device("cpu"), None, None)
+    with pytest.raises(ValueError, match="prior_classes=10 needs every sample to have a label"):
+        fam._prior_step({}, {"GPT": torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)},
+                        torch.zeros(2, 4, 4, dtype=torch.long), torch.tensor([3, -1]), fam.stages()[2], ctx)
