@@ -145,7 +145,7 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
         summary["stages"][stage.name] = tokens_stage(params, stage, shards, run_dir, init, on_progress)
     else:
         if stage.info.get("data") == "tokens":
-            shards = _token_shards(run_dir, family, stage)
+            shards = _token_shards(run_dir, stage)
         resume = latest_checkpoint(storage, stage)
         finished = _finished_checkpoint(resume, stage)
         if finished is not None:  # stopped after the stage's last checkpoint, before summary.json was written
@@ -185,10 +185,9 @@ def _finished_checkpoint(ckpt: str | None, stage: StageSpec) -> dict | None:
             "resumed_from": ckpt}
 
 
-def _token_shards(run_dir: Path, family, stage: StageSpec) -> Path:
-    src = next((s for s in family.stages() if s.kind == "tokens" and s.index < stage.index), None)
+def _token_shards(run_dir: Path, stage: StageSpec) -> Path:
     path = run_dir / TOKENS_DIR
-    if src is None or not (path / "manifest.json").exists():
+    if not (path / "manifest.json").exists():
         raise FileNotFoundError(f"stage {stage.name} trains on tokens, but {path} has none: run the tokens stage first")
     return path
 
@@ -211,7 +210,7 @@ def tokens_stage(params: Params, stage: StageSpec, shards, run_dir: Path, init: 
         "done": True, "index": stage.index, "resolution": stage.resolution, "kind": "tokens",
         "checkpoint": init,  # the next stage starts from the autoencoder that made the tokens
         "shards": str((run_dir / TOKENS_DIR).resolve()), "manifest_sha256": manifest_hash(run_dir / TOKENS_DIR),
-        "images_seen": m["count"], "wall_time_s": round(wall, 2), "images_per_s": round(m["count"] / wall, 1),
+        "images_seen": m["count"], "wall_time_s": round(wall, 2), "images_per_s": round(m["count"] / max(wall, 1e-6), 1),
         "last_metrics": {f"{split}_{k}": v for split, e in m["splits"].items()
                          for k, v in e.items() if k in ("codebook_usage", "perplexity")},
     }
