@@ -36,7 +36,7 @@ def _encode_shard(checkpoint: str, src: str, dst: str, resolution: int, batch_si
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same float sums whatever the machine: deterministic codes
     try:
-        family, _, ema, _ = load_generator(checkpoint)
+        _, _, ema, _ = load_generator(checkpoint)
         vq = ema["VQ"]
         counts = np.zeros(vq.quantize.n_embed, np.int64)
         n = 0
