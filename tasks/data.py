@@ -108,6 +108,14 @@ def _iter_tar(url: str) -> Iterator[dict]:
         yield from wds.tariterators.tarfile_samples([{"url": url}])
 
 
+def to_model_input(imgs: np.ndarray, resolution: int) -> torch.Tensor:
+    """uint8 NHWC images -> float NCHW in [-1, 1], box-downsampled to ``resolution`` when stored larger."""
+    t = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
+    if t.shape[-1] != resolution:
+        t = torch.nn.functional.avg_pool2d(t, t.shape[-1] // resolution)
+    return t.div_(127.5).sub_(1.0).contiguous()
+
+
 class TrainStream(IterableDataset):
     """Endless batches ``(images[B,3,r,r] in [-1,1], labels[B])`` for one rank."""
 
@@ -212,10 +220,7 @@ class TrainStream(IterableDataset):
         if self.xflip:
             flip = flip_rng.random(len(imgs)) < 0.5
             x[flip] = x[flip, :, ::-1]
-        t = torch.from_numpy(x).permute(0, 3, 1, 2).float()
-        if self.resolution != self.stored_resolution:
-            t = torch.nn.functional.avg_pool2d(t, self.stored_resolution // self.resolution)
-        return t.div_(127.5).sub_(1.0).contiguous(), torch.tensor(labels, dtype=torch.long)
+        return to_model_input(x, self.resolution), torch.tensor(labels, dtype=torch.long)
 
 
 class TokenStream(TrainStream):

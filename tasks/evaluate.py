@@ -68,15 +68,12 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
 
 def _codebook_use(family, stage, ema, shards, ev: EvalParams) -> dict:
     from models.vqgan import codebook_stats
-    from tasks.data import iter_split
+    from tasks.data import iter_split, to_model_input
 
     codes = []
     with torch.inference_mode():
         for imgs, _ in iter_split(shards, ev.split, ev.batch_size):
-            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
-            if x.shape[-1] != stage.resolution:
-                x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // stage.resolution)
-            codes.append(ema["VQ"].encode_codes(x / 127.5 - 1.0))
+            codes.append(ema["VQ"].encode_codes(to_model_input(imgs, stage.resolution)))
     st = codebook_stats(torch.cat(codes), ema["VQ"].quantize.n_embed)
     return {"codebook_usage": st["codebook_usage"], "codebook_perplexity": st["perplexity"],
             "codebook_size": ema["VQ"].quantize.n_embed}

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from models.base import GANFamily, StageSpec, StepContext, get_family
-from tasks.data import TokenStream, TrainStream, iter_split, train_loader
+from tasks.data import TokenStream, TrainStream, iter_split, to_model_input, train_loader
 from tasks.params import TrainParams
 
 log = logging.getLogger("ganforge.train")
@@ -262,10 +262,7 @@ def run_stage(config: dict, session=None) -> dict:
     def grid_real() -> torch.Tensor:
         """The first grid_size^2 train images (fixed across checkpoints and resumes), at this stage's size."""
         imgs, _ = next(iter_split(config["shards"], "train", params.grid_size**2))
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
-        if x.shape[-1] != stage.resolution:
-            x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // stage.resolution)
-        return (x / 127.5 - 1.0).to(dev)
+        return to_model_input(imgs, stage.resolution).to(dev)
     fault = config.get("fault") or {}
     max_steps = config.get("max_steps")
 

@@ -261,15 +261,12 @@ def _read_slice(s: ImageSet, start: int, stop: int, batch: int) -> Iterator[np.n
             z = torch.stack([torch.randn(family.latent_dim, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + j)) for j in idx])
             yield quantize(family.generate(ema, z, stage)).numpy()
     elif s.kind == "reconstructions":
-        from tasks.data import iter_split
+        from tasks.data import iter_split, to_model_input
         from tasks.train import load_generator
 
         family, stage, ema, _ = load_generator(s.path)
         for imgs, _ in iter_split(s.source, s.split, batch, start=start, stop=stop):
-            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
-            if x.shape[-1] != stage.resolution:
-                x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // stage.resolution)
-            yield quantize(family.reconstruct(ema, x / 127.5 - 1.0)).numpy()
+            yield quantize(family.reconstruct(ema, to_model_input(imgs, stage.resolution))).numpy()
     else:
         raise ValueError(f"unknown image set kind {s.kind}")
 

@@ -30,7 +30,7 @@ log = logging.getLogger("ganforge.tokens")
 
 def _encode_shard(checkpoint: str, src: str, dst: str, resolution: int, batch_size: int) -> dict:
     """Encode one image shard into one token shard; returns its record and code histogram."""
-    from tasks.data import _iter_tar, decode_sample
+    from tasks.data import _iter_tar, decode_sample, to_model_input
     from tasks.train import load_generator
 
     threads = torch.get_num_threads()
@@ -46,10 +46,8 @@ def _encode_shard(checkpoint: str, src: str, dst: str, resolution: int, batch_si
 
             def flush() -> None:
                 nonlocal n
-                x = torch.from_numpy(np.stack([a for _, a, _ in batch])).permute(0, 3, 1, 2).float()
-                if x.shape[-1] != resolution:
-                    x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // resolution)
-                codes = vq.encode_codes(x / 127.5 - 1.0).numpy().astype(np.int16)
+                x = to_model_input(np.stack([a for _, a, _ in batch]), resolution)
+                codes = vq.encode_codes(x).numpy().astype(np.int16)
                 np.add.at(counts, codes.reshape(-1), 1)
                 for (key, _, label), c in zip(batch, codes):
                     buf = io.BytesIO()
