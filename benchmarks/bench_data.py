@@ -36,9 +36,9 @@ def main() -> None:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from tasks.data import TrainStream, iter_split, train_loader
-    from tasks.params import DataParams
-    from tasks.shard import shard
+    from ganforge.tasks.data import TrainStream, iter_split, train_loader
+    from ganforge.tasks.params import DataParams
+    from ganforge.tasks.shard import shard
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="ganforge-bench-"))

@@ -21,10 +21,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
 
-    from tasks.data import iter_split
-    from tasks.metrics import extract_features, image_set, inception_weights_path, reference_features, tf1_resize
-    from tasks.params import DataParams
-    from tasks.shard import shard
+    from ganforge.tasks.data import iter_split
+    from ganforge.tasks.metrics import extract_features, image_set, inception_weights_path, reference_features, tf1_resize
+    from ganforge.tasks.params import DataParams
+    from ganforge.tasks.shard import shard
 
     tmp = Path(tempfile.mkdtemp(prefix="ganforge-bench-metrics-"))
     shard(f"synthetic:shapes:{a.n}", tmp / "s", DataParams(resolution=32, val_fraction=0.0, workers=2), progress=False)

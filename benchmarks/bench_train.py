@@ -25,10 +25,10 @@ def main() -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tasks.loop import LocalSession, ray_train_loop, run_stage
-    from tasks.params import DataParams, Params
-    from tasks.shard import shard
-    from tasks.train import init_ray
+    from ganforge.tasks.loop import LocalSession, ray_train_loop, run_stage
+    from ganforge.tasks.params import DataParams, Params
+    from ganforge.tasks.shard import shard
+    from ganforge.tasks.train import init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="ganforge-bench-train-"))
     shard("digits", tmp / "shards", DataParams(resolution=128, workers=2), progress=False)

@@ -38,11 +38,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     a = ap.parse_args()
 
-    from models.prior import sample
-    from models.vqgan import VQGAN
-    from tasks.loop import LocalSession, run_stage
-    from tasks.params import DataParams, load_params
-    from tasks.shard import shard
+    from ganforge.models.prior import sample
+    from ganforge.models.vqgan import VQGAN
+    from ganforge.tasks.loop import LocalSession, run_stage
+    from ganforge.tasks.params import DataParams, load_params
+    from ganforge.tasks.shard import shard
 
     tmp = Path(tempfile.mkdtemp(prefix="ganforge-bench-vqgan-"))
     shard("digits", tmp / "shards", DataParams(resolution=32, workers=2), progress=False)

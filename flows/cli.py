@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from tasks.params import Params, ParamsError, load_params
+from ganforge.tasks.params import Params, ParamsError, load_params
 
 log = logging.getLogger("ganforge")
 
@@ -44,7 +44,7 @@ def _common(p: argparse.ArgumentParser, flags: list[_Flag]) -> None:
 
 def resolve_params(args: argparse.Namespace) -> Params:
     overrides: dict[str, Any] = {}
-    from tasks.params import parse_override
+    from ganforge.tasks.params import parse_override
 
     for o in args.overrides:
         k, v = parse_override(o)
@@ -61,7 +61,7 @@ def resolve_params(args: argparse.Namespace) -> Params:
 
 
 def cmd_shard(args: argparse.Namespace, params: Params) -> dict:
-    from tasks.shard import shard
+    from ganforge.tasks.shard import shard
 
     m = shard(params.data.source, params.data.shards, params.data, progress=not args.quiet)
     summary = {
@@ -80,10 +80,10 @@ def cmd_shard(args: argparse.Namespace, params: Params) -> dict:
 
 
 def cmd_train(args: argparse.Namespace, params: Params) -> dict:
-    from tasks.train import train, train_stage
+    from ganforge.tasks.train import train, train_stage
 
     if args.stage_resolution is not None or args.stage is not None:
-        from models.base import get_family
+        from ganforge.models.base import get_family
 
         stages = get_family(params.train).stages()
         if args.stage is not None:
@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> dict:
-    from tasks.evaluate import evaluate
+    from ganforge.tasks.evaluate import evaluate
 
     ckpt = args.checkpoint or _final_checkpoint(params.train.out)
     return evaluate(ckpt, params.data.shards, params.eval, out=args.out, progress=not args.quiet)
@@ -126,7 +126,7 @@ def _final_checkpoint(run_dir: str) -> str:
 
 
 def cmd_fid(args: argparse.Namespace, params: Params) -> str:
-    from tasks.metrics import fid_between
+    from ganforge.tasks.metrics import fid_between
 
     r = fid_between(args.a, args.b, params.eval.protocol, workers=params.eval.workers,
                     batch_size=params.eval.batch_size, split=params.eval.split)
@@ -138,8 +138,8 @@ def cmd_register(args: argparse.Namespace, params: Params) -> dict:
     """Register a checkpoint (with its evaluation) as a new version, alias challenger, then apply the gate."""
     from pathlib import Path
 
-    from tasks.registry import PromotionRefused, promote, register, start_pipeline_run
-    from tasks.shard import manifest_hash
+    from ganforge.tasks.registry import PromotionRefused, promote, register, start_pipeline_run
+    from ganforge.tasks.shard import manifest_hash
 
     ckpt = args.checkpoint or _final_checkpoint(params.train.out)
     evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else None
@@ -153,14 +153,14 @@ def cmd_register(args: argparse.Namespace, params: Params) -> dict:
 
 
 def cmd_promote(args: argparse.Namespace, params: Params) -> dict:
-    from tasks.registry import promote
+    from ganforge.tasks.registry import promote
 
     name = args.model or params.registry.model_name or f"ganforge-{params.train.family}"
     return promote(name, args.version, params, force=args.force)
 
 
 def cmd_models(args: argparse.Namespace, params: Params) -> str:
-    from tasks.registry import list_models
+    from ganforge.tasks.registry import list_models
 
     rows = list_models(params, args.model)
     lines = [f"{'name':28} {'ver':>4} {'aliases':22} {'fid':>10} {'kid':>10} {'protocol':8} {'n':>6} decision"]
@@ -176,8 +176,8 @@ def cmd_models(args: argparse.Namespace, params: Params) -> str:
 def cmd_sample(args: argparse.Namespace, params: Params) -> dict:
     import torch
 
-    from tasks.loop import save_grid
-    from tasks.registry import sample_registered, setup_mlflow
+    from ganforge.tasks.loop import save_grid
+    from ganforge.tasks.registry import sample_registered, setup_mlflow
 
     setup_mlflow(params.runtime)
     imgs = sample_registered(args.model, list(range(args.seed, args.seed + args.n)), args.truncation)
@@ -187,7 +187,7 @@ def cmd_sample(args: argparse.Namespace, params: Params) -> dict:
 
 
 def cmd_pipeline(args: argparse.Namespace, params: Params) -> dict:
-    from flows.pipeline import train_pipeline
+    from ganforge.flows.pipeline import train_pipeline
 
     r = train_pipeline(params=params)
     print(
@@ -204,20 +204,20 @@ def cmd_pipeline(args: argparse.Namespace, params: Params) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace, params: Params) -> None:
-    from flows.deploy import serve
+    from ganforge.flows.deploy import serve
 
     serve(params, cron=args.cron, interval=args.interval)
 
 
 def cmd_deploy(args: argparse.Namespace, params: Params) -> dict:
-    from flows.deploy import deploy_to_pool
+    from ganforge.flows.deploy import deploy_to_pool
 
     ids = deploy_to_pool(params, args.work_pool, cron=args.cron, interval=args.interval, source=args.source)
     return {"work_pool": args.work_pool, "deployments": ids}
 
 
 def cmd_dvc_remote(args: argparse.Namespace, params: Params) -> dict:
-    from tasks.storage import configure_dvc_remote
+    from ganforge.tasks.storage import configure_dvc_remote
 
     return configure_dvc_remote(params.runtime.dvc_remote, params.runtime.s3_endpoint_url)
 
@@ -381,7 +381,7 @@ EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 
 
 def _refusal():
-    from tasks.registry import PromotionRefused
+    from ganforge.tasks.registry import PromotionRefused
 
     return PromotionRefused
 

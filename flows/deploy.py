@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from prefect import serve as prefect_serve
 
-from flows.pipeline import evaluate_flow, promote_flow, train_pipeline
-from tasks.params import Params, load_params
+from ganforge.flows.pipeline import evaluate_flow, promote_flow, train_pipeline
+from ganforge.tasks.params import Params, load_params
 
 
 def deployments(params: Params, cron: str | None = None, interval: float | None = None, name: str = "ganforge"):

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.params import Params, flatten, load_params
+from ganforge.tasks.params import Params, flatten, load_params
 
 # Prefect reads its settings at import: apply runtime.prefect_api_url first when set in params.yaml.
 if "PREFECT_API_URL" not in os.environ:
@@ -43,7 +43,7 @@ def _sha(obj: Any) -> str:
 
 
 def _file_sha(path: Path) -> str:
-    from tasks.shard import sha256_file
+    from ganforge.tasks.shard import sha256_file
 
     return sha256_file(path) if path.exists() else "missing"
 
@@ -69,7 +69,7 @@ def _stage_key(ctx, args: dict) -> str:
     params: Params = args["params"]
     init = args.get("init")
     init_hash = _file_sha(Path(init) / "state.pt") if init else "scratch"
-    from tasks.train import identity
+    from ganforge.tasks.train import identity
 
     return "stage-" + _sha([{**identity(params.train), "resolution": params.train.resolution}, args["stage_index"],
                             args["manifest_sha256"], init_hash, str(Path(params.train.out).resolve())])
@@ -77,7 +77,7 @@ def _stage_key(ctx, args: dict) -> str:
 
 @task(name="shard", cache_key_fn=_shard_key, persist_result=True, retries=1)
 def shard_task(params: Params) -> dict:
-    from tasks.shard import manifest_hash, shard
+    from ganforge.tasks.shard import manifest_hash, shard
 
     get_run_logger().info("sharding %s -> %s", params.data.source, params.data.shards)
     m = shard(params.data.source, params.data.shards, params.data)
@@ -88,8 +88,8 @@ def shard_task(params: Params) -> dict:
 @task(name="train-stage", cache_key_fn=_stage_key, persist_result=True, retries=2,
       retry_delay_seconds=exponential_backoff(backoff_factor=10), task_run_name="train-stage-{stage_index}")
 def stage_task(params: Params, stage_index: int, manifest_sha256: str, init: str | None) -> dict:
-    from models.base import get_family
-    from tasks.train import train_stage
+    from ganforge.models.base import get_family
+    from ganforge.tasks.train import train_stage
 
     stage = get_family(params.train).stages()[stage_index]
     logger = get_run_logger()
@@ -106,7 +106,7 @@ def stage_task(params: Params, stage_index: int, manifest_sha256: str, init: str
 
 @task(name="evaluate")
 def evaluate_task(params: Params, checkpoint: str) -> dict:
-    from tasks.evaluate import evaluate
+    from ganforge.tasks.evaluate import evaluate
 
     out = Path(params.train.out) / "eval"
     return evaluate(checkpoint, params.data.shards, params.eval, out=out)
@@ -114,14 +114,14 @@ def evaluate_task(params: Params, checkpoint: str) -> dict:
 
 @task(name="register")
 def register_task(params: Params, checkpoint: str, evaluation: dict, run_id: str, data_sha: str) -> dict:
-    from tasks.registry import register
+    from ganforge.tasks.registry import register
 
     return register(checkpoint, evaluation, params, run_id, data_sha256=data_sha)
 
 
 @task(name="promote")
 def promote_task(params: Params, name: str, version: int | None, force: bool = False) -> dict:
-    from tasks.registry import PromotionRefused, promote
+    from ganforge.tasks.registry import PromotionRefused, promote
 
     try:
         return promote(name, version, params, force=force)
@@ -161,9 +161,9 @@ _TABLE_METRICS = ("loss_d", "loss_g", "penalty", "loss_rec", "codebook_usage", "
 @flow(name="train-pipeline", on_cancellation=[_stop_ray], on_crashed=[_stop_ray], log_prints=True)
 def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """Shard -> train every stage -> evaluate -> register -> promote, on params.yaml (overridable)."""
-    from models.base import get_family
-    from tasks.registry import log_training, start_pipeline_run
-    from tasks.train import init_ray
+    from ganforge.models.base import get_family
+    from ganforge.tasks.registry import log_training, start_pipeline_run
+    from ganforge.tasks.train import init_ray
 
     params = resolve(params, overrides)
     logger = get_run_logger()
@@ -239,7 +239,7 @@ def evaluate_flow(checkpoint: str | None = None, model_uri: str | None = None, p
             raise ValueError("give a checkpoint or a model_uri")
         from mlflow import MlflowClient
 
-        from tasks.registry import setup_mlflow
+        from ganforge.tasks.registry import setup_mlflow
 
         setup_mlflow(params.runtime)
         name, ref = model_uri.removeprefix("models:/").split("@" if "@" in model_uri else "/", 1)

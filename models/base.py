@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tasks.params import TrainParams
+from ganforge.tasks.params import TrainParams
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,8 @@ class GANFamily(ABC):
 
 
 def get_family(params: TrainParams) -> GANFamily:
-    from models.progan import ProGAN
-    from models.vqgan import VQGAN
+    from ganforge.models.progan import ProGAN
+    from ganforge.models.vqgan import VQGAN
 
     families = {"progan": ProGAN, "vqgan": VQGAN}
     if params.family not in families:

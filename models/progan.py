@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import GANFamily, StageSpec, StepContext
-from models.layers import SQRT2, EqualizedConv2d, EqualizedLinear, MinibatchStd, PixelNorm
-from tasks.params import TrainParams
+from ganforge.models.base import GANFamily, StageSpec, StepContext
+from ganforge.models.layers import SQRT2, EqualizedConv2d, EqualizedLinear, MinibatchStd, PixelNorm
+from ganforge.tasks.params import TrainParams
 
 
 def _act(x: torch.Tensor) -> torch.Tensor:

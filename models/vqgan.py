@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import GANFamily, StageSpec, StepContext
-from tasks.params import TrainParams
+from ganforge.models.base import GANFamily, StageSpec, StepContext
+from ganforge.tasks.params import TrainParams
 
 log = logging.getLogger("ganforge.vqgan")
 
@@ -335,7 +335,7 @@ class VQGAN(GANFamily):
                        p.legacy_beta, p.attention)
 
     def gpt(self):
-        from models.prior import GPT
+        from ganforge.models.prior import GPT
 
         p = self.p
         return GPT(p.n_embed, self.n_tokens, p.n_layer, p.n_head, p.n_embd, max(1, p.prior_classes), p.dropout)
@@ -355,7 +355,7 @@ class VQGAN(GANFamily):
     def optimizers(self, modules):
         p = self.p
         if "GPT" in modules:
-            from models.prior import adamw_param_groups
+            from ganforge.models.prior import adamw_param_groups
 
             return {"GPT": torch.optim.AdamW(adamw_param_groups(modules["GPT"], p.weight_decay), lr=p.prior_lr,
                                              betas=(0.9, 0.95))}
@@ -458,7 +458,7 @@ class VQGAN(GANFamily):
         return n
 
     def _prior_step(self, modules, opts, tokens, labels, stage, ctx: StepContext) -> dict[str, float]:
-        from models.prior import cosine_lr
+        from ganforge.models.prior import cosine_lr
 
         p = self.p
         total = max(1, int(math.ceil(stage.kimg * 1000 / self.params.batch_size)))
@@ -495,7 +495,7 @@ class VQGAN(GANFamily):
         if "GPT" not in ema:
             raise ValueError(f"stage {stage.name} is the autoencoder: it reconstructs but has no sampler; "
                              f"use the {PRIOR} checkpoint")
-        from models.prior import sample
+        from ganforge.models.prior import sample
 
         u = torch.special.ndtr(z.float())  # N(0,1) latents -> uniforms: one per token (+ class)
         if self.p.prior_classes and labels is None:

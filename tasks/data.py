@@ -25,8 +25,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tasks.shard import read_manifest
-from tasks.storage import is_remote, join, local_copy
+from ganforge.tasks.shard import read_manifest
+from ganforge.tasks.storage import is_remote, join, local_copy
 
 
 def decode_sample(sample: dict, npy_header: bytes | None = None) -> tuple[np.ndarray, int]:

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.metrics import (
+from ganforge.tasks.metrics import (
     PROTOCOLS, ImageSet, _read_slice, extract_features, feature_stats, frechet_distance, inception_score_from_logits,
     kernel_inception_distance, load_logits_model, reference_features, tf1_resize,
 )
-from tasks.params import EvalParams
-from tasks.shard import manifest_hash
-from tasks.train import load_generator
+from ganforge.tasks.params import EvalParams
+from ganforge.tasks.shard import manifest_hash
+from ganforge.tasks.train import load_generator
 
 log = logging.getLogger("ganforge.evaluate")
 
@@ -67,8 +67,8 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
 
 
 def _codebook_use(family, stage, ema, shards, ev: EvalParams) -> dict:
-    from models.vqgan import codebook_stats
-    from tasks.data import iter_split, to_model_input
+    from ganforge.models.vqgan import codebook_stats
+    from ganforge.tasks.data import iter_split, to_model_input
 
     codes = []
     with torch.inference_mode():
@@ -96,7 +96,7 @@ def _sample_metrics(result: dict, gen: ImageSet, ref: dict, ev: EvalParams, prog
 
 
 def write_outputs(result: dict, gen: ImageSet, out: Path) -> None:
-    from tasks.loop import save_grid
+    from ganforge.tasks.loop import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
     numbers = {k: result[k] for k in ("fid", "kid", "kid_std", "is", "is_std", "rfid", "codebook_usage",

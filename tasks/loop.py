@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.base import GANFamily, StageSpec, StepContext, get_family
-from tasks.data import TokenStream, TrainStream, iter_split, to_model_input, train_loader
-from tasks.params import TrainParams
+from ganforge.models.base import GANFamily, StageSpec, StepContext, get_family
+from ganforge.tasks.data import TokenStream, TrainStream, iter_split, to_model_input, train_loader
+from ganforge.tasks.params import TrainParams
 
 log = logging.getLogger("ganforge.train")
 
@@ -112,7 +112,7 @@ def checkpoint_dir(ckpt: Any):
         if isinstance(ckpt, (str, Path)):
             import ray.train
 
-            from tasks.storage import arrow_fs
+            from ganforge.tasks.storage import arrow_fs
 
             fs, path = arrow_fs(str(ckpt))
             ckpt = ray.train.Checkpoint(path, filesystem=fs)

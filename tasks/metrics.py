@@ -198,13 +198,13 @@ class ImageSet:
 
 def image_set(spec: str, split: str = "val") -> ImageSet:
     """``DIR`` (shards with manifest.json, or an image folder), ``DIR:split``, or ``FILE.npy``."""
-    from tasks.storage import exists, is_remote, join
+    from ganforge.tasks.storage import exists, is_remote, join
 
     if is_remote(spec):  # shards by URL: s3://bucket/prefix or s3://bucket/prefix:split
         base, _, sp = spec.rpartition(":") if spec.count(":") > 1 else (spec, "", split)
         if not exists(join(base, "manifest.json")):
             raise FileNotFoundError(f"{spec}: no manifest.json there (remote image sets must be shard folders)")
-        from tasks.data import split_count
+        from ganforge.tasks.data import split_count
 
         return ImageSet("shards", base, split=sp, count=split_count(base, sp))
     p = Path(spec)
@@ -219,11 +219,11 @@ def image_set(spec: str, split: str = "val") -> ImageSet:
         base, split = spec.rsplit(":", 1)
         p = Path(base)
     if (p / "manifest.json").exists():
-        from tasks.data import split_count
+        from ganforge.tasks.data import split_count
 
         return ImageSet("shards", str(p), split=split, count=split_count(p, split))
     if p.is_dir():
-        from tasks.sources import IMAGE_EXTENSIONS
+        from ganforge.tasks.sources import IMAGE_EXTENSIONS
 
         files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
@@ -234,7 +234,7 @@ def image_set(spec: str, split: str = "val") -> ImageSet:
 
 def _read_slice(s: ImageSet, start: int, stop: int, batch: int) -> Iterator[np.ndarray]:
     if s.kind == "shards":
-        from tasks.data import iter_split
+        from ganforge.tasks.data import iter_split
 
         for imgs, _ in iter_split(s.path, s.split, batch, start=start, stop=stop):
             yield imgs
@@ -246,13 +246,13 @@ def _read_slice(s: ImageSet, start: int, stop: int, batch: int) -> Iterator[np.n
                 a = a[..., None]
             yield np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
     elif s.kind == "folder":
-        from tasks.sources import IMAGE_EXTENSIONS, to_rgb
+        from ganforge.tasks.sources import IMAGE_EXTENSIONS, to_rgb
 
         files = sorted(str(f) for f in Path(s.path).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)[start:stop]
         for f in files:  # sizes may differ: one image at a time
             yield np.asarray(to_rgb(Image.open(f)))[None]
     elif s.kind == "generator":
-        from tasks.train import load_generator
+        from ganforge.tasks.train import load_generator
 
         family, stage, ema, _ = load_generator(s.path)
         for i in range(start, stop, batch):
@@ -261,8 +261,8 @@ def _read_slice(s: ImageSet, start: int, stop: int, batch: int) -> Iterator[np.n
             z = torch.stack([torch.randn(family.latent_dim, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + j)) for j in idx])
             yield quantize(family.generate(ema, z, stage)).numpy()
     elif s.kind == "reconstructions":
-        from tasks.data import iter_split, to_model_input
-        from tasks.train import load_generator
+        from ganforge.tasks.data import iter_split, to_model_input
+        from ganforge.tasks.train import load_generator
 
         family, stage, ema, _ = load_generator(s.path)
         for imgs, _ in iter_split(s.source, s.split, batch, start=start, stop=stop):
@@ -291,10 +291,10 @@ def extract_features(s: ImageSet, protocol: str = "tf1", *, workers: int = 1, ba
         return _features_of_slice(s, 0, n, protocol, batch_size)
     import ray
 
-    from tasks.train import init_ray
+    from ganforge.tasks.train import init_ray
 
     if not ray.is_initialized():
-        from tasks.params import Params
+        from ganforge.tasks.params import Params
 
         init_ray(Params())
     remote = ray.remote(num_cpus=1)(_features_of_slice)
@@ -326,7 +326,7 @@ def _atomic_save_npz(path: Path, **arrays) -> None:
 def reference_features(shards: str | Path, split: str, protocol: str, cache_dir: str | Path, *, workers: int = 1,
                        batch_size: int = 50, progress: bool = True) -> dict[str, Any]:
     """Features + float64 stats of a shard split, cached on (manifest hash, split, resolution, protocol, count)."""
-    from tasks.shard import manifest_hash, read_manifest
+    from ganforge.tasks.shard import manifest_hash, read_manifest
 
     s = image_set(str(shards), split)
     m = read_manifest(shards)

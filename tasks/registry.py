@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.params import Params, RuntimeParams, flatten
+from ganforge.tasks.params import Params, RuntimeParams, flatten
 
 log = logging.getLogger("ganforge.registry")
 
@@ -47,7 +47,7 @@ def setup_mlflow(runtime: RuntimeParams) -> str:
     """Point MLflow at the configured store and make sure the experiment exists (returns its id)."""
     import mlflow
 
-    from tasks.storage import configure_s3
+    from ganforge.tasks.storage import configure_s3
 
     configure_s3(runtime.s3_endpoint_url)  # artifacts on s3:// go to the configured endpoint
     uri = runtime.mlflow_tracking_uri
@@ -162,7 +162,7 @@ def log_training(summary: dict, run_dir: str | Path, params: Params, parent_run_
 def start_pipeline_run(params: Params, shards: str | Path, run_name: str | None = None) -> str:
     import mlflow
 
-    from tasks.shard import manifest_hash
+    from ganforge.tasks.shard import manifest_hash
 
     exp_id = setup_mlflow(params.runtime)
     run = _retry(mlflow.start_run, experiment_id=exp_id, run_name=run_name)
@@ -189,7 +189,7 @@ def _python_model_class():
         """Seeds (+ optional truncation psi, label) -> uint8 images N x H x W x 3."""
 
         def load_context(self, context):
-            from tasks.train import load_generator
+            from ganforge.tasks.train import load_generator
 
             self.family, self.stage, self.ema, _ = load_generator(context.artifacts["checkpoint"])
 
@@ -197,7 +197,7 @@ def _python_model_class():
             import pandas as pd
             import torch
 
-            from tasks.metrics import quantize
+            from ganforge.tasks.metrics import quantize
 
             df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
             if "seed" not in df:
@@ -229,8 +229,8 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
 
     import torch
 
-    from tasks.metrics import quantize
-    from tasks.train import load_generator
+    from ganforge.tasks.metrics import quantize
+    from ganforge.tasks.train import load_generator
 
     family, stage, ema, _ = load_generator(checkpoint)  # the checkpoint, not params, says what it is
     setup_mlflow(params.runtime)

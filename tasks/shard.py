@@ -33,8 +33,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from tasks.params import DataParams
-from tasks.sources import RESIZE_FILTER, Candidate, SourceError, list_source, load_image, prepare
+from ganforge.tasks.params import DataParams
+from ganforge.tasks.sources import RESIZE_FILTER, Candidate, SourceError, list_source, load_image, prepare
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
 
 
 def read_manifest(shards: str | Path) -> dict:
-    from tasks.storage import exists, join, read_text
+    from ganforge.tasks.storage import exists, join, read_text
 
     path = join(shards, MANIFEST)
     if not exists(path):
@@ -210,7 +210,7 @@ def read_manifest(shards: str | Path) -> dict:
 
 def manifest_hash(shards: str | Path) -> str:
     """Content hash of a shard set (the manifest lists every shard's sha256)."""
-    from tasks.storage import is_remote, join, read_text
+    from ganforge.tasks.storage import is_remote, join, read_text
 
     if is_remote(shards):
         return hashlib.sha256(read_text(join(shards, MANIFEST)).encode()).hexdigest()

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from tasks.shard import MANIFEST, MANIFEST_FORMAT, _replace_dir, manifest_hash, read_manifest, sha256_file
+from ganforge.tasks.shard import MANIFEST, MANIFEST_FORMAT, _replace_dir, manifest_hash, read_manifest, sha256_file
 
 log = logging.getLogger("ganforge.tokens")
 
 
 def _encode_shard(checkpoint: str, src: str, dst: str, resolution: int, batch_size: int) -> dict:
     """Encode one image shard into one token shard; returns its record and code histogram."""
-    from tasks.data import _iter_tar, decode_sample, to_model_input
-    from tasks.train import load_generator
+    from ganforge.tasks.data import _iter_tar, decode_sample, to_model_input
+    from ganforge.tasks.train import load_generator
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same float sums whatever the machine: deterministic codes
@@ -85,7 +85,7 @@ def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, 
     """Encode every split of ``shards`` with ``checkpoint``'s autoencoder into token shards in ``out``."""
     from tqdm import tqdm
 
-    from tasks.loop import STATE, checkpoint_dir, load_state
+    from ganforge.tasks.loop import STATE, checkpoint_dir, load_state
 
     out, shards = Path(out), Path(shards)
     src_manifest = read_manifest(shards)
@@ -123,8 +123,8 @@ def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, 
         else:
             import ray
 
-            from tasks.params import Params
-            from tasks.train import init_ray
+            from ganforge.tasks.params import Params
+            from ganforge.tasks.train import init_ray
 
             if not ray.is_initialized():
                 init_ray(Params())
@@ -146,7 +146,7 @@ def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, 
             e["_hist"] += r["histogram"]
         for e in splits.values():
             e.update(_usage(e.pop("_hist")))
-        from tasks.params import TrainParams
+        from ganforge.tasks.params import TrainParams
 
         tp = TrainParams.model_validate(state["params"])
         grid = res // 2 ** (len(tp.vqgan.ch_mult) - 1)

@@ -16,11 +16,11 @@ import time
 import uuid
 from pathlib import Path
 
-from models.base import StageSpec, get_family
-from tasks.loop import STATE, load_state, ray_train_loop
-from tasks.params import Params
-from tasks.shard import manifest_hash, read_manifest
-from tasks.storage import arrow_fs, configure_s3, is_remote
+from ganforge.models.base import StageSpec, get_family
+from ganforge.tasks.loop import STATE, load_state, ray_train_loop
+from ganforge.tasks.params import Params
+from ganforge.tasks.shard import manifest_hash, read_manifest
+from ganforge.tasks.storage import arrow_fs, configure_s3, is_remote
 
 log = logging.getLogger("ganforge.train")
 
@@ -173,7 +173,7 @@ def _finished_checkpoint(ckpt: str | None, stage: StageSpec) -> dict | None:
     """The stage record for ``ckpt`` when that checkpoint already holds all of the stage's images."""
     if ckpt is None:
         return None
-    from tasks.loop import checkpoint_dir
+    from ganforge.tasks.loop import checkpoint_dir
 
     with checkpoint_dir(ckpt) as d:
         meta = json.loads((Path(d) / "meta.json").read_text())
@@ -194,7 +194,7 @@ def _token_shards(run_dir: Path, stage: StageSpec) -> Path:
 
 def tokens_stage(params: Params, stage: StageSpec, shards, run_dir: Path, init: str | None, on_progress=None) -> dict:
     """Encode every shard with the previous stage's autoencoder (idempotent: same inputs, same tokens)."""
-    from tasks.tokens import extract_tokens
+    from ganforge.tasks.tokens import extract_tokens
 
     if not init:
         raise ValueError(f"stage {stage.name} needs the autoencoder checkpoint of the stage before it")
@@ -222,8 +222,8 @@ def export_stage(run_dir: Path, stage_name: str, rec: dict) -> Path:
     import csv
     import shutil
 
-    from tasks.loop import checkpoint_dir
-    from tasks.registry import read_history
+    from ganforge.tasks.loop import checkpoint_dir
+    from ganforge.tasks.registry import read_history
 
     dst = run_dir / "stages" / stage_name
     if not (dst / STATE).exists() or json.loads((dst / "meta.json").read_text()).get("images_in_stage") != rec["images_seen"]:
@@ -353,8 +353,8 @@ def _fit_with_progress(trainer, run_dir: Path, stage: StageSpec, on_progress):
 
 def load_generator(checkpoint: str | Path, device: str = "cpu"):
     """The EMA generator of a checkpoint, with the family and stage that made it."""
-    from tasks.loop import checkpoint_dir
-    from tasks.params import TrainParams
+    from ganforge.tasks.loop import checkpoint_dir
+    from ganforge.tasks.params import TrainParams
 
     with checkpoint_dir(str(checkpoint)) as d:
         state = load_state(d)

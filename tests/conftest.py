@@ -10,8 +10,8 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from tasks.params import DataParams  # noqa: E402
-from tasks.shard import shard  # noqa: E402
+from ganforge.tasks.params import DataParams  # noqa: E402
+from ganforge.tasks.shard import shard  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data import TrainStream, iter_split, split_count, train_loader
-from tasks.params import DataParams
-from tasks.shard import shard
+from ganforge.tasks.data import TrainStream, iter_split, split_count, train_loader
+from ganforge.tasks.params import DataParams
+from ganforge.tasks.shard import shard
 
 
 def _labels_seen(stream: TrainStream, n_batches: int) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ def test_deployment_run_through_the_api(tmp_path):
     with prefect_test_harness(server_startup_timeout=120):
         api = PREFECT_API_URL.value()
         env = {**os.environ, "PREFECT_API_URL": api, "RAY_USAGE_STATS_ENABLED": "0"}
-        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--params", str(tmp_path / "params.yaml")],
+        server = subprocess.Popen([sys.executable, "-m", "ganforge.flows.cli", "serve", "--params", str(tmp_path / "params.yaml")],
                                   cwd=ROOT, env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
         try:
             run = None

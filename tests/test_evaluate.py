@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.evaluate import evaluate
-from tasks.loop import LocalSession, run_stage
-from tasks.metrics import ImageSet, _read_slice
-from tasks.params import EvalParams, Params
-from tasks.shard import shard
-from tasks.params import DataParams
+from ganforge.tasks.evaluate import evaluate
+from ganforge.tasks.loop import LocalSession, run_stage
+from ganforge.tasks.metrics import ImageSet, _read_slice
+from ganforge.tasks.params import EvalParams, Params
+from ganforge.tasks.shard import shard
+from ganforge.tasks.params import DataParams
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_evaluate_reports_protocol_and_null_is(tiny_run, tmp_path):
 
 def test_evaluate_cli_last_line_is_json_and_missing_checkpoint(tiny_run, tmp_path):
     shards, ckpt, _ = tiny_run
-    cmd = [sys.executable, "-m", "flows.cli", "-q", "evaluate", "--checkpoint", ckpt, "--data", str(shards),
+    cmd = [sys.executable, "-m", "ganforge.flows.cli", "-q", "evaluate", "--checkpoint", ckpt, "--data", str(shards),
            "--num-samples", "8", "--metrics", "fid", "--workers", "1", "--set", f"eval.cache_dir={tmp_path}/c"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 0, res.stderr

@@ -67,7 +67,7 @@ def test_compose_renders_with_credentials_and_binds_localhost(tmp_path):
     assert worker_env["AWS_SECRET_ACCESS_KEY"] == "minio-secret"
     assert "pg-secret" in " ".join(services["mlflow"]["command"])
     # the settings the services pass are real params keys
-    from tasks.params import load_params
+    from ganforge.tasks.params import load_params
 
     for k in worker_env:
         if k.startswith("GANFORGE__"):
@@ -150,7 +150,7 @@ def test_kuberay_schema_catches_mistakes():
 def test_manifests_agree_with_the_code():
     import ray
 
-    from tasks.params import RuntimeParams
+    from ganforge.tasks.params import RuntimeParams
 
     docs = dict((d["kind"], d) for _, d in _all_manifests())
     cluster = docs["RayCluster"]

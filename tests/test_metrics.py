@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.metrics import (
+from ganforge.tasks.metrics import (
     FeatureExtractor, extract_features, frechet_distance, image_set, inception_score_from_logits,
     kernel_inception_distance, quantize, reference_features, tf1_resize,
 )
-from tasks.params import DataParams
-from tasks.shard import shard
+from ganforge.tasks.params import DataParams
+from ganforge.tasks.shard import shard
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_features_invariant_to_batch_and_workers(tiny_shards):
     assert f1.shape == (6, 2048)
     assert np.allclose(f1, f2, rtol=1e-4, atol=1e-5) and np.allclose(f1, f3, rtol=1e-4, atol=1e-5)
     # identical sets: FID ~ 0
-    from tasks.metrics import feature_stats
+    from ganforge.tasks.metrics import feature_stats
     st = feature_stats(f1)
     assert abs(frechet_distance(*st, *st)) < 1e-3
 
@@ -94,8 +94,8 @@ def test_extractor_matches_plain_model_loop(tiny_shards):
     """The optimised extractor (frozen, channels_last) gives the plain TorchScript model's features."""
     import warnings
 
-    from tasks.data import iter_split
-    from tasks.metrics import inception_weights_path
+    from ganforge.tasks.data import iter_split
+    from ganforge.tasks.metrics import inception_weights_path
 
     imgs = next(iter_split(tiny_shards, "val", 6))[0]
     with warnings.catch_warnings():
@@ -126,7 +126,7 @@ def test_reference_cache_hit_and_invalidation(tiny_shards, tmp_path):
 
 
 def test_image_sets_and_fid_cli(tiny_shards, tmp_path):
-    from tasks.data import iter_split
+    from ganforge.tasks.data import iter_split
 
     imgs = next(iter_split(tiny_shards, "val", 6))[0]
     np.save(tmp_path / "a.npy", imgs)
@@ -138,10 +138,10 @@ def test_image_sets_and_fid_cli(tiny_shards, tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         np.save(tmp_path / "bad.npy", imgs.astype(np.float32))
         image_set(str(tmp_path / "bad.npy"))
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "-q", "fid", str(tmp_path / "a.npy"), str(folder),
+    res = subprocess.run([sys.executable, "-m", "ganforge.flows.cli", "-q", "fid", str(tmp_path / "a.npy"), str(folder),
                           "--set", "eval.workers=1"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 0, res.stderr
     assert abs(float(res.stdout.strip().splitlines()[-1])) < 1e-2  # the same images
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "fid", str(tmp_path / "nope"), str(folder)],
+    res = subprocess.run([sys.executable, "-m", "ganforge.flows.cli", "fid", str(tmp_path / "nope"), str(folder)],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 1 and "nope" in res.stderr

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.params import Params, ParamsError, load_params, parse_override
+from ganforge.tasks.params import Params, ParamsError, load_params, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_section_hash_tracks_content():
 
 def test_environment_overrides_sit_between_the_file_and_set(monkeypatch):
     """GANFORGE__SECTION__KEY is how containers and pods get cluster settings (infra/)."""
-    from tasks.params import ParamsError, load_params
+    from ganforge.tasks.params import ParamsError, load_params
 
     monkeypatch.setenv("GANFORGE__RUNTIME__RAY_ADDRESS", "ray-head:6379")
     monkeypatch.setenv("GANFORGE__TRAIN__WORKERS", "4")

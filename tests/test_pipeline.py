@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.params import Params
+from ganforge.tasks.params import Params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -48,7 +48,7 @@ def _task_states(flow_run_id):
 
 
 def test_flow_full_run_then_cached_rerun(harness, tmp_path):
-    from flows.pipeline import train_pipeline
+    from ganforge.flows.pipeline import train_pipeline
 
     p = tiny(tmp_path, "run")
     state = train_pipeline(params=p, return_state=True)
@@ -68,7 +68,7 @@ def test_flow_full_run_then_cached_rerun(harness, tmp_path):
 def test_flow_interrupted_stage_resumes(harness, tmp_path):
     import os
 
-    from flows.pipeline import train_pipeline
+    from ganforge.flows.pipeline import train_pipeline
 
     p = tiny(tmp_path, "crash")
     marker = tmp_path / "killed"
@@ -90,8 +90,8 @@ def test_flow_interrupted_stage_resumes(harness, tmp_path):
 def test_flow_runs_the_vqgan_family(harness, tmp_path):
     """The same flow trains VQ-GAN's heterogeneous stages (autoencoder -> tokens -> prior), evaluates samples
     and reconstructions, and registers a generator that samples through prior + decoder."""
-    from flows.pipeline import train_pipeline
-    from tasks.registry import sample_registered, setup_mlflow
+    from ganforge.flows.pipeline import train_pipeline
+    from ganforge.tasks.registry import sample_registered, setup_mlflow
 
     p = tiny(tmp_path, "vq", family="vqgan", batch_size=8, vqgan=dict(
         ch=8, ch_mult=[1, 2], z_channels=8, embed_dim=8, n_embed=16, disc_start=2, disc_ch=8, disc_layers=1, n_layer=1, n_head=2,

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.layers import EqualizedConv2d, EqualizedLinear, MinibatchStd
-from models.progan import ProGAN, fade_reals
-from tasks.loop import LocalSession, load_state, run_stage
-from tasks.params import TrainParams
+from ganforge.models.layers import EqualizedConv2d, EqualizedLinear, MinibatchStd
+from ganforge.models.progan import ProGAN, fade_reals
+from ganforge.tasks.loop import LocalSession, load_state, run_stage
+from ganforge.tasks.params import TrainParams
 
 
 def tiny_params(**kw) -> TrainParams:

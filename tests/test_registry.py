@@ -6,10 +6,10 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from tasks.loop import LocalSession, run_stage
-from tasks.params import DataParams, Params
-from tasks.registry import PromotionRefused, list_models, log_training, promote, register, sample_registered, start_pipeline_run
-from tasks.shard import manifest_hash, shard
+from ganforge.tasks.loop import LocalSession, run_stage
+from ganforge.tasks.params import DataParams, Params
+from ganforge.tasks.registry import PromotionRefused, list_models, log_training, promote, register, sample_registered, start_pipeline_run
+from ganforge.tasks.shard import manifest_hash, shard
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.params import Params
+from ganforge.tasks.params import Params
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +65,10 @@ def test_pipeline_on_s3_storage(s3, digits_shards, tmp_path):
     import fsspec
     import ray
 
-    from tasks.data import TrainStream, iter_split
-    from tasks.evaluate import evaluate
-    from tasks.registry import register, sample_registered, setup_mlflow, start_pipeline_run
-    from tasks.train import init_ray, latest_checkpoint, train
+    from ganforge.tasks.data import TrainStream, iter_split
+    from ganforge.tasks.evaluate import evaluate
+    from ganforge.tasks.registry import register, sample_registered, setup_mlflow, start_pipeline_run
+    from ganforge.tasks.train import init_ray, latest_checkpoint, train
 
     endpoint, client = s3
     p = Params.model_validate({
@@ -101,7 +101,7 @@ def test_pipeline_on_s3_storage(s3, digits_shards, tmp_path):
     keys = _keys(client, "ray")
     assert any(k.endswith("ckpt-0000000032/state.pt") and "progan-r0004" in k for k in keys)
     assert any(k.endswith("/grid.png") for k in keys)
-    from models.base import get_family
+    from ganforge.models.base import get_family
 
     st = get_family(p.train).stages()[1]
     assert latest_checkpoint("s3://ray/runs/run", st) == final

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.data import decode_sample
-from tasks.params import DataParams
-from tasks.shard import ShardError, SourceError, read_manifest, shard
-from tasks.sources import to_rgb
+from ganforge.tasks.data import decode_sample
+from ganforge.tasks.params import DataParams
+from ganforge.tasks.shard import ShardError, SourceError, read_manifest, shard
+from ganforge.tasks.sources import to_rgb
 
 
 def _save(img: Image.Image, path: Path, fmt: str | None = None, **kw) -> None:
@@ -151,7 +151,7 @@ def test_interrupted_run_keeps_previous_output(tmp_path, monkeypatch):
     shard("synthetic:shapes:64", out, params, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    import tasks.shard as mod
+    import ganforge.tasks.shard as mod
 
     calls = {"n": 0}
     real = mod._SplitWriter.write

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.loop import load_state
-from tasks.params import Params
-from tasks.train import train
+from ganforge.tasks.loop import load_state
+from ganforge.tasks.params import Params
+from ganforge.tasks.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 

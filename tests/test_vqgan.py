@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.prior import GPT, adamw_param_groups, cosine_lr, draw, filter_logits, sample
-from models.vqgan import VQGAN, VectorQuantizer, codebook_stats, load_lpips
-from tasks.params import Params, ParamsError, TrainParams, load_params
+from ganforge.models.prior import GPT, adamw_param_groups, cosine_lr, draw, filter_logits, sample
+from ganforge.models.vqgan import VQGAN, VectorQuantizer, codebook_stats, load_lpips
+from ganforge.tasks.params import Params, ParamsError, TrainParams, load_params
 
 TINY = dict(ch=8, ch_mult=[1, 2, 2], z_channels=8, embed_dim=8, n_embed=32, disc_start=4, disc_ch=8, disc_layers=2,
             restart_every=5, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, autoencoder_kimg=0.16, prior_kimg=0.16)
@@ -59,7 +59,7 @@ def test_codebook_stats_counts_and_perplexity():
 
 
 def test_dead_codes_are_restarted_onto_encoder_outputs():
-    from models.base import StepContext
+    from ganforge.models.base import StepContext
 
     fam = VQGAN(TrainParams(family="vqgan", resolution=16, vqgan=TINY))
     q = VectorQuantizer(8, 2)
@@ -79,7 +79,7 @@ def test_token_round_trip_is_stable_once_the_autoencoder_has_learned():
     """encode -> decode -> encode gives back (nearly) the same codes: tokens describe images the decoder makes."""
     from sklearn.datasets import load_digits
 
-    from models.vqgan import VQModel
+    from ganforge.models.vqgan import VQModel
 
     torch.manual_seed(0)
     x = torch.tensor(load_digits().images[:64], dtype=torch.float32)[:, None].repeat(1, 3, 1, 1) / 8 - 1
@@ -209,10 +209,10 @@ def test_perceptual_loss_off_without_weights_is_said(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_vqgan_three_stages_on_two_ray_workers(digits_shards, tmp_path, local_ray):
-    from tasks.data import TokenStream
-    from tasks.evaluate import evaluate
-    from tasks.tokens import extract_tokens
-    from tasks.train import load_generator, train
+    from ganforge.tasks.data import TokenStream
+    from ganforge.tasks.evaluate import evaluate
+    from ganforge.tasks.tokens import extract_tokens
+    from ganforge.tasks.train import load_generator, train
 
     run = tmp_path / "run"
     params = Params.model_validate({
@@ -276,7 +276,7 @@ def test_vqgan_three_stages_on_two_ray_workers(digits_shards, tmp_path, local_ra
 
 
 def test_token_stage_refuses_bad_input(digits_shards, tmp_path):
-    from tasks.tokens import extract_tokens
+    from ganforge.tasks.tokens import extract_tokens
 
     with pytest.raises(FileNotFoundError, match="state.pt"):
         extract_tokens(tmp_path / "nope", digits_shards, tmp_path / "t", workers=1, progress=False)
@@ -289,8 +289,8 @@ def test_token_stage_refuses_bad_input(digits_shards, tmp_path):
 def test_prior_stage_keeps_the_autoencoder_that_made_its_tokens(digits_shards, tmp_path):
     """With EMA on, the tokens come from the autoencoder's EMA weights; the prior stage must decode with exactly
     those (its frozen copy is neither trained nor pulled towards anything), in-process (LocalSession)."""
-    from tasks.loop import LocalSession, load_state, run_stage
-    from tasks.tokens import extract_tokens
+    from ganforge.tasks.loop import LocalSession, load_state, run_stage
+    from ganforge.tasks.tokens import extract_tokens
 
     tp = TrainParams(family="vqgan", resolution=16, batch_size=8, checkpoint_kimg=1.0, grid_size=2,
                      ema_half_life_kimg=0.01, vqgan={**TINY, "ema": True, "autoencoder_kimg": 0.04, "prior_kimg": 0.04})
@@ -310,8 +310,8 @@ def test_prior_stage_keeps_the_autoencoder_that_made_its_tokens(digits_shards, t
 
 def test_vqgan_stages_refuse_bad_input(digits_shards, tmp_path):
     """Missing tokens, missing labels for a class-conditional prior, an autoencoder asked for samples: clear errors."""
-    from models.base import StepContext
-    from tasks.train import train_stage
+    from ganforge.models.base import StepContext
+    from ganforge.tasks.train import train_stage
 
     p = Params.model_validate({"train": dict(family="vqgan", out=str(tmp_path / "run"), resolution=16, vqgan=TINY)})
     with pytest.raises(ValueError, match="needs stage vqgan-2-tokens to have finished first"):
