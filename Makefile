@@ -32,8 +32,9 @@ bench: install
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_vqgan.py
 
-# the same stages through DVC (dvc.yaml); needs a git repository
+# the same stages through DVC (dvc.yaml iterates dvc-stages.yaml, refreshed from params first); needs a git repository
 repro: install
+	$(BIN)/ganforge -q dvc-stages
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 mlflow-ui: install

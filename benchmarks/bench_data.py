@@ -3,7 +3,9 @@
 Prints side-by-side numbers measured in the same run (machines here are noisy):
 (a) sharding images/s (npy vs png encodings), (b) training-stream images/s at
 32x32 vs ``ImageFolder`` + ``DataLoader`` over the same images, same worker count
-and batch size, as a ratio.  Usage: python benchmarks/bench_data.py [--n 6000] [--workers 2]
+and batch size, as a ratio, (c) our memory-mapped tar reader vs webdataset's own
+tar iterator on the same shards (the hand-written reader stays only while this
+ratio says it pays).  Usage: python benchmarks/bench_data.py [--n 6000] [--workers 2]
 """
 
 from __future__ import annotations
@@ -89,6 +91,29 @@ def main() -> None:
     print(f"    ImageFolder+DataLoader {r_if:8.0f} img/s   (baseline)")
     print(f"    ganforge stream (npy)  {r_npy:8.0f} img/s   ratio {r_npy / r_if:5.2f}x")
     print(f"    ganforge stream (png)  {r_png:8.0f} img/s   ratio {r_png / r_if:5.2f}x")
+
+    import webdataset as wds
+
+    from ganforge.tasks.data import _iter_tar
+
+    tars = sorted(str(t) for t in (tmp / "npy").glob("train-*.tar"))
+
+    def read_ours():
+        for t in tars:
+            for _ in _iter_tar(t):
+                pass
+
+    def read_wds():
+        for t in tars:
+            for _ in wds.tariterators.tarfile_samples([{"url": t}]):
+                pass
+
+    reps = 3
+    r_wds = _rate(n_epoch * reps, lambda: [read_wds() for _ in range(reps)])
+    r_ours = _rate(n_epoch * reps, lambda: [read_ours() for _ in range(reps)])
+    print(f"(c) tar reading (raw samples, no decode), {len(tars)} shards x {reps}:")
+    print(f"    webdataset tarfile_samples {r_wds:8.0f} samples/s   (baseline)")
+    print(f"    ganforge mmap reader       {r_ours:8.0f} samples/s   ratio {r_ours / r_wds:5.2f}x")
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from ganforge.tasks.data import iter_split
-    from ganforge.tasks.metrics import extract_features, image_set, inception_weights_path, reference_features, tf1_resize
+    from ganforge.tasks.images import extract_features, image_set, reference_features
+    from ganforge.tasks.metrics import inception_weights_path, tf1_resize
     from ganforge.tasks.params import DataParams
     from ganforge.tasks.shard import shard
 

@@ -38,8 +38,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     a = ap.parse_args()
 
-    from ganforge.models.prior import sample
-    from ganforge.models.vqgan import VQGAN
+    from ganforge.models.nn.gpt import sample
+    from ganforge.models.families.vqgan import VQGAN
     from ganforge.tasks.loop import LocalSession, run_stage
     from ganforge.tasks.params import DataParams, load_params
     from ganforge.tasks.shard import shard

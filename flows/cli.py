@@ -82,8 +82,12 @@ def cmd_shard(args: argparse.Namespace, params: Params) -> dict:
 def cmd_train(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.tasks.train import train, train_stage
 
+    if args.stages_file:
+        from ganforge.flows.dvc import check_fresh
+
+        check_fresh(params, args.stage, args.stages_file)
     if args.stage_resolution is not None or args.stage is not None:
-        from ganforge.models.base import get_family
+        from ganforge.models.families import get_family
 
         stages = get_family(params.train).stages()
         if args.stage is not None:
@@ -110,7 +114,8 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.tasks.evaluate import evaluate
 
     ckpt = args.checkpoint or _final_checkpoint(params.train.out)
-    return evaluate(ckpt, params.data.shards, params.eval, out=args.out, progress=not args.quiet)
+    return evaluate(ckpt, params.data.shards, params.eval, out=args.out, progress=not args.quiet,
+                    runtime=params.runtime)
 
 
 def _final_checkpoint(run_dir: str) -> str:
@@ -126,10 +131,10 @@ def _final_checkpoint(run_dir: str) -> str:
 
 
 def cmd_fid(args: argparse.Namespace, params: Params) -> str:
-    from ganforge.tasks.metrics import fid_between
+    from ganforge.tasks.images import fid_between
 
     r = fid_between(args.a, args.b, params.eval.protocol, workers=params.eval.workers,
-                    batch_size=params.eval.batch_size, split=params.eval.split)
+                    batch_size=params.eval.batch_size, split=params.eval.split, runtime=params.runtime)
     log.info("FID %s vs %s (%s): %.4f", r["a"], r["b"], r["protocol"], r["fid"])
     return f"{r['fid']:.6f}"
 
@@ -180,7 +185,8 @@ def cmd_sample(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.tasks.registry import sample_registered, setup_mlflow
 
     setup_mlflow(params.runtime)
-    imgs = sample_registered(args.model, list(range(args.seed, args.seed + args.n)), args.truncation)
+    labels = [args.label] * args.n if args.label is not None else None
+    imgs = sample_registered(args.model, list(range(args.seed, args.seed + args.n)), args.truncation, labels)
     nrow = max(1, int(round(args.n ** 0.5)))
     save_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, args.out, nrow=nrow)
     return {"model": args.model, "n": args.n, "out": args.out, "shape": list(imgs.shape)}
@@ -216,6 +222,23 @@ def cmd_deploy(args: argparse.Namespace, params: Params) -> dict:
     return {"work_pool": args.work_pool, "deployments": ids}
 
 
+def cmd_dvc_stages(args: argparse.Namespace, params: Params) -> dict:
+    from ganforge.flows.dvc import write_stages
+
+    pipelines = None
+    if args.pipeline:
+        pipelines = {}
+        for spec in args.pipeline:
+            name, _, rest = spec.partition("=")
+            family, _, out = rest.partition(":")
+            if not (name and family and out):
+                raise ValueError(f"--pipeline expects NAME=FAMILY:RUN_DIR (e.g. demo=progan:runs/demo), got {spec!r}")
+            pipelines[name] = (family, out)
+    doc = write_stages(params, pipelines, args.file)
+    return {"file": args.file, "pipelines": list(doc["pipelines"]),
+            "stages": list(doc["train"]) + list(doc["tokens"])}
+
+
 def cmd_dvc_remote(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.tasks.storage import configure_dvc_remote
 
@@ -225,11 +248,11 @@ def cmd_dvc_remote(args: argparse.Namespace, params: Params) -> dict:
 def _kimg_per_stage(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     k = getattr(args, "kimg_per_stage", None)
     if k is not None:
-        # the first stage only stabilises; later ones split K into transition + stabilisation
-        overrides["train.progan.transition_kimg"] = k / 2
-        overrides["train.progan.stabilize_kimg"] = k / 2
-        overrides["train.vqgan.autoencoder_kimg"] = k
-        overrides["train.vqgan.prior_kimg"] = k
+        from ganforge.models.families import family_classes
+
+        for name, cls in family_classes().items():  # each family says which of its keys set a stage's length
+            for key, v in cls.kimg_overrides(k).items():
+                overrides[f"train.{name}.{key}"] = v
 
 
 _PROTOCOL = _Flag("--protocol", "eval.protocol", help="tf1 (published) or clean")
@@ -297,6 +320,8 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
     "deploy": (cmd_deploy, [], "register the deployments on a work pool, for `prefect worker start --pool NAME`"),
     "models": (cmd_models, [], "list registered versions with metrics and aliases"),
     "sample": (cmd_sample, [], "draw a grid of images from a registered model (models:/NAME@alias)"),
+    "dvc-stages": (cmd_dvc_stages, [],
+                   "write dvc-stages.yaml (what dvc.yaml iterates) from params and each family's stage list"),
     "dvc-remote": (cmd_dvc_remote, [_Flag("--remote", "runtime.dvc_remote", help="DVC remote URL (s3://bucket/path, a folder)")],
                    "make runtime.dvc_remote (with runtime.s3_endpoint_url) this repository's default DVC remote"),
 }
@@ -343,17 +368,22 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="e.g. models:/ganforge-progan@champion")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="first seed; images use seeds seed..seed+n-1")
-    p.add_argument("--truncation", type=float, default=1.0, help="psi: latents are scaled by it")
+    p.add_argument("--truncation", type=float, default=1.0,
+                   help="the family's truncation (StyleGAN: psi toward w_avg; VQ-GAN: nucleus mass); 1: off")
+    p.add_argument("--label", type=int, default=None, help="class of every image (class-conditional models)")
     p.add_argument("--out", default="grid.png")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kimg-per-stage", type=float, default=None,
-                   help="thousands of images per stage (ProGAN: half transition, half stabilisation; VQ-GAN: autoencoder and prior)")
+                   help="thousands of images per stage (each family maps it to its own keys, e.g. ProGAN: half "
+                        "transition, half stabilisation; VQ-GAN: autoencoder and prior)")
     p.add_argument("--stage-resolution", type=int, default=None,
                    help="run only the stage at this resolution (what each dvc.yaml train stage calls)")
     p.add_argument("--stage", default=None, help="run only the stage of this name (e.g. vqgan-3-prior)")
     p.add_argument("--init", default=None, help="with --stage(-resolution): the previous stage's checkpoint dir")
+    p.add_argument("--stages-file", default=None,
+                   help="refuse to run when this dvc-stages.yaml no longer matches params (what dvc.yaml passes)")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -367,7 +397,15 @@ def _deploy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default=None, help="where the worker finds the code (default: this installation)")
 
 
+def _dvc_stages_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--file", default="dvc-stages.yaml", help="the vars file dvc.yaml reads")
+    p.add_argument("--pipeline", action="append", default=[], metavar="NAME=FAMILY:RUN_DIR",
+                   help="a pipeline to list (repeatable); default: those already in the file, else "
+                        "train.family in train.out")
+
+
 EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "dvc-stages": _dvc_stages_args,
     "serve": _serve_args,
     "deploy": _deploy_args,
     "register": _register_args,

@@ -43,7 +43,7 @@ def _sha(obj: Any) -> str:
 
 
 def _file_sha(path: Path) -> str:
-    from ganforge.tasks.shard import sha256_file
+    from ganforge.tasks.io import sha256_file
 
     return sha256_file(path) if path.exists() else "missing"
 
@@ -88,7 +88,7 @@ def shard_task(params: Params) -> dict:
 @task(name="train-stage", cache_key_fn=_stage_key, persist_result=True, retries=2,
       retry_delay_seconds=exponential_backoff(backoff_factor=10), task_run_name="train-stage-{stage_index}")
 def stage_task(params: Params, stage_index: int, manifest_sha256: str, init: str | None) -> dict:
-    from ganforge.models.base import get_family
+    from ganforge.models.families import get_family
     from ganforge.tasks.train import train_stage
 
     stage = get_family(params.train).stages()[stage_index]
@@ -109,7 +109,7 @@ def evaluate_task(params: Params, checkpoint: str) -> dict:
     from ganforge.tasks.evaluate import evaluate
 
     out = Path(params.train.out) / "eval"
-    return evaluate(checkpoint, params.data.shards, params.eval, out=out)
+    return evaluate(checkpoint, params.data.shards, params.eval, out=out, runtime=params.runtime)
 
 
 @task(name="register")
@@ -155,19 +155,19 @@ def resolve(params: Params | None, overrides: dict[str, Any] | None) -> Params:
     return params
 
 
-_TABLE_METRICS = ("loss_d", "loss_g", "penalty", "loss_rec", "codebook_usage", "train_codebook_usage", "loss_prior")
+_NOT_IN_TABLE = {"step", "kimg", "images_per_s"}
 
 
 @flow(name="train-pipeline", on_cancellation=[_stop_ray], on_crashed=[_stop_ray], log_prints=True)
 def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """Shard -> train every stage -> evaluate -> register -> promote, on params.yaml (overridable)."""
-    from ganforge.models.base import get_family
+    from ganforge.models.families import get_family
     from ganforge.tasks.registry import log_training, start_pipeline_run
-    from ganforge.tasks.train import init_ray
+    from ganforge.tasks.runtime import init_ray
 
     params = resolve(params, overrides)
     logger = get_run_logger()
-    init_ray(params)
+    init_ray(params.runtime)
     # a cached result is only valid while its output exists: recompute when the shards are gone
     missing = not (Path(params.data.shards) / "manifest.json").exists()
     shards = shard_task.with_options(refresh_cache=missing)(params)
@@ -183,7 +183,7 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
         key="stage-metrics",
         table=[{"stage": r["stage"], "resolution": r["resolution"], "kimg": r["images_seen"] / 1000,
                 "wall_time_s": r["wall_time_s"], "images_per_s": r["images_per_s"],
-                **{k: round(v, 4) for k, v in r.get("last_metrics", {}).items() if k in _TABLE_METRICS}}
+                **{k: round(v, 4) for k, v in r.get("last_metrics", {}).items() if k not in _NOT_IN_TABLE}}
                for r in stage_recs],
         description="per-stage training metrics",
     )
@@ -194,8 +194,7 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     import mlflow
 
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({k: evaluation[k] for k in ("fid", "kid", "kid_std", "is", "rfid", "codebook_usage",
-                                                       "codebook_perplexity") if evaluation.get(k) is not None})
+        mlflow.log_metrics(evaluation["scores"])
         mlflow.set_tags({"eval.protocol": evaluation["protocol"], "eval.num_samples": evaluation["num_samples"],
                          "eval.reference_split": evaluation["reference"]["split"],
                          "eval.reference_count": evaluation["reference"]["count"]})
@@ -204,22 +203,19 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     decision = promote_task(params, reg["name"], reg["version"])
     grid = Path(params.train.out) / "eval" / "samples.png"
     result = {
-        "final_checkpoint": prev, "fid": evaluation.get("fid"), "kid": evaluation.get("kid"),
-        "rfid": evaluation.get("rfid"), "codebook_usage": evaluation.get("codebook_usage"),
+        "final_checkpoint": prev, **evaluation["scores"], "fid": evaluation.get("fid"), "kid": evaluation.get("kid"),
         "protocol": evaluation["protocol"], "num_samples": evaluation["num_samples"],
         "model": reg["name"], "version": reg["version"], "promoted": decision.get("promoted"),
         "decision": decision.get("reason"), "grid": str(grid.resolve()), "mlflow_run_id": run_id,
     }
-    kid = f"{evaluation['kid']:.5f}" if evaluation.get("kid") is not None else "n/a"
-    fid = f"{evaluation['fid']:.3f}" if evaluation.get("fid") is not None else "n/a"
+    where = (f"{evaluation['protocol']}, {evaluation['num_samples']} samples vs {evaluation['reference']['count']} "
+             f"{evaluation['reference']['split']}")
     create_markdown_artifact(
         key="pipeline-result",
         markdown=(f"# ganforge run `{Path(params.train.out).name}`\n\n"
-                  f"| metric | value |\n|---|---|\n| FID ({evaluation['protocol']}, {evaluation['num_samples']} samples "
-                  f"vs {evaluation['reference']['count']} {evaluation['reference']['split']}) | {fid} |\n| KID | {kid} |\n"
-                  + "".join(f"| {label} | {evaluation[k]:.4f} |\n" for k, label in
-                            (("rfid", "reconstruction FID"), ("codebook_usage", "codebook usage"))
-                            if evaluation.get(k) is not None) + "\n"
+                  f"| metric ({where}) | value | better |\n|---|---|---|\n"
+                  + "".join(f"| {k} | {v:.5g} | {evaluation['directions'].get(k) or ''} |\n"
+                            for k, v in evaluation["scores"].items()) + "\n"
                   f"Registered **{reg['name']}** version **{reg['version']}** (alias `challenger`); champion gate: "
                   f"**{'promoted' if decision.get('promoted') else 'not promoted'}** — {decision.get('reason')}"
                   + _grid_markdown(grid)),

@@ -189,6 +189,8 @@ class TrainStream(IterableDataset):
                         yield buf.pop()
             # drain nothing: the buffer carries over into the next pass
 
+    fields = ("image", "label")  # the batch mapping's keys, in the order of the yielded tuple
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         part, _, wid = self._part()
         info = get_worker_info()
@@ -227,6 +229,7 @@ class TokenStream(TrainStream):
     """Endless batches ``(codes[B,h,w] int64, labels[B])`` of a token shard set (tasks/tokens.py)."""
 
     flippable = False  # flipping a code grid is not flipping the image
+    fields = ("tokens", "label")
 
     def _configure(self, m: dict, shards, resolution: int) -> None:
         if m.get("kind") != "tokens":

@@ -1,112 +1,105 @@
-"""`ganforge evaluate`: FID / KID / IS of a checkpoint's EMA generator against a shard split."""
+"""`ganforge evaluate`: the registered sample metrics (FID, KID, IS, ...) of a checkpoint against a shard split,
+plus reconstruction FID for families that reconstruct and the family's own scores.
+
+The result carries ``scores`` (every number, by name, with the direction in which it improves): MLflow, the
+registry's tags, the Prefect table and the promotion gate read that mapping instead of lists of their own.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ganforge.tasks.metrics import (
-    PROTOCOLS, ImageSet, _read_slice, extract_features, feature_stats, frechet_distance, inception_score_from_logits,
-    kernel_inception_distance, load_logits_model, reference_features, tf1_resize,
-)
-from ganforge.tasks.params import EvalParams
+from ganforge.tasks.checkpoint import STATE, load_generator
+from ganforge.tasks.images import ImageSet, _read_slice, extract_features, reference_features
+from ganforge.tasks.io import write_json
+from ganforge.tasks.metrics import METRICS, PROTOCOLS, MetricInputs, feature_stats, frechet_distance
+from ganforge.tasks.params import EvalParams, RuntimeParams
 from ganforge.tasks.shard import manifest_hash
-from ganforge.tasks.train import load_generator
 
 log = logging.getLogger("ganforge.evaluate")
 
+# directions of the numbers that are not sample metrics
+EXTRA_DIRECTIONS = {"rfid": "lower", "codebook_usage": "higher", "codebook_perplexity": "higher"}
 
-def _logits(s: ImageSet, model, batch: int) -> np.ndarray:
-    out = []
-    with torch.inference_mode():
-        for imgs in _read_slice(s, 0, s.count, batch):
-            x = tf1_resize(torch.from_numpy(imgs).permute(0, 3, 1, 2).float()) / 128.0 - 1.0
-            out.append(model(x).float().numpy())
-    return np.concatenate(out)
+
+def direction(name: str) -> str | None:
+    """Which way a score improves ("lower"/"higher"), or None when nobody declared it."""
+    if name in METRICS:
+        return METRICS[name].direction
+    return EXTRA_DIRECTIONS.get(name)
 
 
 def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | Path | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, runtime: RuntimeParams | None = None) -> dict[str, Any]:
     if not checkpoint:
         raise ValueError("no checkpoint to evaluate (train first, or pass --checkpoint)")
-    if not Path(checkpoint, "state.pt").exists() and "://" not in str(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint} not found (no state.pt)")
+    if not Path(checkpoint, STATE).exists() and "://" not in str(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found (no {STATE})")
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "protocol": ev.protocol, "protocol_description": PROTOCOLS[ev.protocol],
         "num_samples": ev.num_samples, "seed": ev.seed,
     }
     ref = reference_features(shards, ev.split, ev.protocol, ev.cache_dir, workers=ev.workers,
-                             batch_size=ev.batch_size, progress=progress)
+                             batch_size=ev.batch_size, progress=progress, runtime=runtime)
     result["reference"] = {"shards": str(shards), "split": ev.split, "count": int(ref["count"]),
                            "manifest_sha256": manifest_hash(shards), "cache": ref["cache"]}
     family, stage, ema, _ = load_generator(checkpoint)
     result["family"], result["stage"] = family.name, stage.name
+    scores: dict[str, float | None] = {}
     shown = gen = ImageSet("generator", str(checkpoint), count=ev.num_samples, seed=ev.seed)
-    if hasattr(family, "reconstruct") and "VQ" in ema:
-        # autoencoder quality: reconstructions of the reference split vs that split, and codebook use on it
+    if family.can_reconstruct(stage):
+        # autoencoder quality: reconstructions of the reference split vs that split
         rec = ImageSet("reconstructions", str(checkpoint), split=ev.split, count=int(ref["count"]), source=str(shards))
-        rfeat = extract_features(rec, ev.protocol, workers=ev.workers, batch_size=ev.batch_size, progress=progress)
-        result["rfid"] = frechet_distance(ref["mu"], ref["sigma"], *feature_stats(rfeat))
-        result.update(_codebook_use(family, stage, ema, shards, ev))
+        rfeat = extract_features(rec, ev.protocol, workers=ev.workers, batch_size=ev.batch_size, progress=progress,
+                                 runtime=runtime)
+        scores["rfid"] = frechet_distance(ref["mu"], ref["sigma"], *feature_stats(rfeat))
         shown = rec
+    scores.update(family.extra_scores(ema, stage, lambda: _model_inputs(shards, ev, stage.resolution)))
     if not family.can_sample(stage):
         result["sampling_unavailable"] = f"stage {stage.name} has no sampler: FID/KID/IS of samples are not computed"
         log.warning("%s", result["sampling_unavailable"])
     else:
-        _sample_metrics(result, gen, ref, ev, progress)
+        fake = extract_features(gen, ev.protocol, workers=ev.workers, batch_size=ev.batch_size, progress=progress,
+                                runtime=runtime)
+        inputs = MetricInputs(ref, fake, lambda b: _read_slice(gen, 0, gen.count, b), ev)
+        for name in ev.metrics:
+            out_m = METRICS[name].compute(inputs)
+            result.update(out_m)
+            scores[name] = out_m.get(name)
         shown = gen
+    result.update({k: v for k, v in scores.items() if k not in result})
+    result["metrics"] = list(ev.metrics)
+    result["scores"] = {k: v for k, v in scores.items() if v is not None and np.isfinite(v)}
+    result["directions"] = {k: direction(k) for k in result["scores"]}
     if out is not None:
         write_outputs(result, shown, Path(out))
     return result
 
 
-def _codebook_use(family, stage, ema, shards, ev: EvalParams) -> dict:
-    from ganforge.models.vqgan import codebook_stats
+def _model_inputs(shards, ev: EvalParams, resolution: int):
     from ganforge.tasks.data import iter_split, to_model_input
 
-    codes = []
-    with torch.inference_mode():
-        for imgs, _ in iter_split(shards, ev.split, ev.batch_size):
-            codes.append(ema["VQ"].encode_codes(to_model_input(imgs, stage.resolution)))
-    st = codebook_stats(torch.cat(codes), ema["VQ"].quantize.n_embed)
-    return {"codebook_usage": st["codebook_usage"], "codebook_perplexity": st["perplexity"],
-            "codebook_size": ema["VQ"].quantize.n_embed}
+    for imgs, _ in iter_split(shards, ev.split, ev.batch_size):
+        yield to_model_input(imgs, resolution)
 
 
-def _sample_metrics(result: dict, gen: ImageSet, ref: dict, ev: EvalParams, progress: bool) -> None:
-    fake = extract_features(gen, ev.protocol, workers=ev.workers, batch_size=ev.batch_size, progress=progress)
-    if "fid" in ev.metrics:
-        result["fid"] = frechet_distance(ref["mu"], ref["sigma"], *feature_stats(fake))
-    if "kid" in ev.metrics:
-        kid, kid_std, n = kernel_inception_distance(ref["features"], fake, ev.kid_subsets, ev.kid_subset_size, ev.seed)
-        result.update(kid=kid, kid_std=kid_std, kid_subset_size=n, kid_subsets=ev.kid_subsets)
-    if "is" in ev.metrics:
-        model, reason = load_logits_model(ev.inception_logits_path)
-        if model is None:
-            result.update({"is": None, "is_unavailable": reason})
-            log.warning("Inception Score unavailable: %s", reason)
-        else:
-            result["is"], result["is_std"] = inception_score_from_logits(_logits(gen, model, ev.batch_size), ev.is_splits)
-
-
-def write_outputs(result: dict, gen: ImageSet, out: Path) -> None:
+def write_outputs(result: dict, shown: ImageSet, out: Path) -> None:
     from ganforge.tasks.loop import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
-    numbers = {k: result[k] for k in ("fid", "kid", "kid_std", "is", "is_std", "rfid", "codebook_usage",
-                                      "codebook_perplexity") if k in result}
-    metrics = {**numbers, "num_samples": result["num_samples"], "reference_count": result["reference"]["count"],
+    requested = {m: result.get(m) for m in result["metrics"]}  # null: unavailable (the reason is in evaluation.json)
+    metrics = {**requested, **result["scores"], "num_samples": result["num_samples"], "reference_count": result["reference"]["count"],
                "protocol": result["protocol"], "split": result["reference"]["split"]}
-    for name, obj in (("metrics.json", metrics), ("evaluation.json", result)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        os.replace(tmp, out / name)
-    n = min(64, gen.count)
-    imgs = next(_read_slice(gen, 0, n, n))
+    for k in ("kid_std", "is_std"):
+        if result.get(k) is not None:
+            metrics[k] = result[k]
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "evaluation.json", result)
+    n = min(64, shown.count)
+    imgs = next(_read_slice(shown, 0, n, n))
     save_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "samples.png", nrow=8)

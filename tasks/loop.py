@@ -19,27 +19,24 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ganforge.models.base import GANFamily, StageSpec, StepContext, get_family
+from ganforge.models.family import GANFamily, StageSpec, StepContext
+from ganforge.models.families import get_family
+from ganforge.tasks.checkpoint import GRID, META, STATE, checkpoint_dir, load_state
 from ganforge.tasks.data import TokenStream, TrainStream, iter_split, to_model_input, train_loader
+from ganforge.tasks.history import append_history
 from ganforge.tasks.params import TrainParams
 
 log = logging.getLogger("ganforge.train")
-
-STATE = "state.pt"
-META = "meta.json"
-GRID = "grid.png"
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -101,33 +98,7 @@ class RaySession:
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt_dir else None)
 
 
-@contextlib.contextmanager
-def checkpoint_dir(ckpt: Any):
-    """A local directory for a checkpoint given as a path or a ray.train.Checkpoint."""
-    if ckpt is None:
-        yield None
-    elif isinstance(ckpt, (str, Path)) and "://" not in str(ckpt):
-        yield Path(ckpt)
-    else:
-        if isinstance(ckpt, (str, Path)):
-            import ray.train
-
-            from ganforge.tasks.storage import arrow_fs
-
-            fs, path = arrow_fs(str(ckpt))
-            ckpt = ray.train.Checkpoint(path, filesystem=fs)
-        with ckpt.as_directory() as d:
-            yield Path(d)
-
-
 # ----------------------------------------------------------------------------- state
-
-
-def load_state(ckpt_dir: str | Path) -> dict:
-    path = Path(ckpt_dir) / STATE
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {STATE}")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
@@ -173,7 +144,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, min_size: int =
 
 def run_stage(config: dict, session=None) -> dict:
     """Train one stage. ``config``: params (TrainParams dump), stage (index), shards, run_dir,
-    init (checkpoint path of the previous stage, or None), optional max_steps, fault."""
+    init (checkpoint path of the previous stage, or None), optional max_steps."""
     session = session or RaySession()
     params = TrainParams.model_validate(config["params"])
     family: GANFamily = get_family(params)
@@ -194,7 +165,7 @@ def run_stage(config: dict, session=None) -> dict:
     torch.manual_seed(params.seed * 1009 + stage.index)  # identical init on every rank
     modules = family.build(stage)
     opts_state = None
-    step = images = 0
+    step = images = drawn = 0  # drawn: batches taken from the stream (> step when a step draws extra ones)
     resume = session.get_checkpoint()
     source = "resume"
     if resume is None and config.get("resume"):
@@ -214,12 +185,15 @@ def run_stage(config: dict, session=None) -> dict:
                 m.load_state_dict(state["ema"][k])
             opts_state = state["optimizers"]
             step, images = state["step"], state["images_in_stage"]
+            drawn = int(state.get("batches_drawn", step))
+            family.load_state_dict(state.get("family_state") or {})
             rng = Path(d) / f"rng-{rank}.pt"
             if rng.exists():
                 _set_rng_state(torch.load(rng, weights_only=True))
         else:
             if state is not None:
                 family.grow(modules, state["modules"])
+                family.load_state_dict(state.get("family_state") or {})  # e.g. ADA's p continues into the stage
             ema = {k: copy.deepcopy(modules[k]) for k in ema_names}
             if state is not None:
                 family.grow(ema, state["ema"])
@@ -250,37 +224,36 @@ def run_stage(config: dict, session=None) -> dict:
     stream_cls = TokenStream if stage.info.get("data") == "tokens" else TrainStream
     stream = stream_cls(
         config["shards"], stage.resolution, per_rank, rank=rank, world_size=world,
-        seed=params.seed * 1009 + stage.index, xflip=params.xflip, start_batch=step,
+        seed=params.seed * 1009 + stage.index, xflip=params.xflip, start_batch=drawn,
     )
     batches = train_loader(stream, params.loader_workers)
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        nonlocal drawn
+        drawn += 1
+        return {k: v.to(dev, non_blocking=True, memory_format=mem) if v.ndim == 4 else v.to(dev)
+                for k, v in zip(stream.fields, next(batches))}
+
     total = int(round(stage.kimg * 1000))
     every = max(1, int(round(params.checkpoint_kimg * 1000)))
     beta = 0.5 ** (params.batch_size / (params.ema_half_life_kimg * 1000)) if family.use_ema(stage) else 0.0
-    grid_z = torch.randn(params.grid_size**2, family.latent_dim, generator=torch.Generator().manual_seed(params.seed)).to(dev)
+    grid_seeds = [params.seed * 1_000_003 + i for i in range(params.grid_size**2)]
     run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
 
     def grid_real() -> torch.Tensor:
         """The first grid_size^2 train images (fixed across checkpoints and resumes), at this stage's size."""
         imgs, _ = next(iter_split(config["shards"], "train", params.grid_size**2))
         return to_model_input(imgs, stage.resolution).to(dev)
-    fault = config.get("fault") or {}
     max_steps = config.get("max_steps")
 
     window_t, window_imgs = time.perf_counter(), 0
     last: dict[str, float] = {}
     ckpt_path = None
     while images < total and (max_steps is None or step < max_steps):
-        if fault and fault.get("stage") == stage.name and fault.get("step") == step and fault.get("rank", 0) == rank:
-            marker = Path(fault["marker"])
-            if not marker.exists():
-                marker.write_text(f"killed {stage.name} step {step} rank {rank}\n")
-                log.warning("injected failure: killing worker rank %d at step %d", rank, step)
-                os._exit(1)
-        real, labels = next(batches)
-        real = real.to(dev, non_blocking=True, memory_format=mem)
+        batch = next_batch()
         ctx = StepContext(step, images, torch.Generator().manual_seed(step_seed(params.seed, stage.index, rank, step)),
-                          dev, autocast, no_sync)
-        last = family.train_step(modules, opts, real, labels.to(dev), stage, ctx)
+                          dev, autocast, no_sync, next_batch)
+        last = family.train_step(modules, opts, batch, stage, ctx)
         with torch.no_grad():
             for k, e in ema.items():
                 if k in frozen:  # e.g. the prior stage's autoencoder: nothing changes
@@ -305,9 +278,7 @@ def run_stage(config: dict, session=None) -> dict:
             window_t, window_imgs = now, 0
             if rank == 0 and run_dir is not None:
                 # metrics history for MLflow (logged by the task after fit) and DVC plots
-                (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-                with open(run_dir / "metrics" / f"{stage.name}.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                append_history(run_dir, stage.name, metrics)
             if rank == 0:
                 losses = " ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("loss") or k == "alpha")
                 log.info("%s step %d kimg %.2f/%.1f %s %.0f img/s", stage.name, step, images / 1000, total / 1000,
@@ -320,6 +291,7 @@ def run_stage(config: dict, session=None) -> dict:
                         state = {
                             "family": family.name, "stage": stage.name, "stage_index": stage.index,
                             "resolution": stage.resolution, "step": step, "images_in_stage": images,
+                            "batches_drawn": drawn, "family_state": family.state_dict(),
                             "alpha": float(last.get("alpha", 1.0)), "attempt_start_images": attempt_start,
                             "modules": {k: _unwrap(m).state_dict() for k, m in modules.items()},
                             "ema": {k: m.state_dict() for k, m in ema.items()},
@@ -327,9 +299,10 @@ def run_stage(config: dict, session=None) -> dict:
                             "params": params.model_dump(mode="json"),
                         }
                         torch.save(state, Path(tmp) / STATE)
-                        imgs = family.grid(ema, stage, grid_z, grid_real, images_in_stage=images).cpu()
+                        imgs = family.grid(ema, stage, grid_seeds, grid_real, images_in_stage=images).cpu()
                         save_grid(imgs, Path(tmp) / GRID, params.grid_size)
-                        meta = {k: v for k, v in state.items() if k not in ("modules", "ema", "optimizers", "params")}
+                        meta = {k: v for k, v in state.items()
+                                if k not in ("modules", "ema", "optimizers", "params", "family_state")}
                         (Path(tmp) / META).write_text(json.dumps({**meta, "metrics": metrics}, indent=2))
                         if run_dir is not None:
                             (run_dir / "samples").mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,12 @@
   git commit, data manifest hash, metric history with steps, sample grids, loss
   curves), logged by the task after ``fit()`` from rank 0's history files.
 - The EMA generator is registered as a pyfunc model that loads offline and turns
-  seeds (and optional truncation psi, class labels) into uint8 images.
-- New versions get the ``challenger`` alias; ``champion`` moves only when FID,
-  measured with the same protocol, sample count and reference data, improves by
-  at least ``registry.min_improvement``. Decisions are written as tags.
+  seeds (and optional class labels and the family's own truncation) into uint8 images.
+- New versions get the ``challenger`` alias; ``champion`` moves only when
+  ``registry.gate_metric`` (FID by default; lower is better unless
+  ``registry.gate_direction`` says higher), measured with the same protocol,
+  sample count and reference data, improves by at least
+  ``registry.min_improvement``. Decisions are written as tags.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from ganforge.tasks.checkpoint import load_generator
+from ganforge.tasks.history import read_history
+from ganforge.tasks.io import sha256_json
+from ganforge.tasks.metrics import quantize
 from ganforge.tasks.params import Params, RuntimeParams, flatten
 
 log = logging.getLogger("ganforge.registry")
@@ -80,19 +86,6 @@ def git_commit() -> str | None:
                               cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def read_history(run_dir: Path, stage: str) -> list[dict]:
-    """Rank 0's metric reports of a stage, the last one per step (a restarted attempt rewrites steps)."""
-    path = run_dir / "metrics" / f"{stage}.jsonl"
-    if not path.exists():
-        return []
-    by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            by_step[int(rec["step"])] = rec
-    return [by_step[k] for k in sorted(by_step)]
 
 
 _CURVES = {"loss_d": "tab:red", "loss_g": "tab:blue", "loss_rec": "tab:green", "loss_prior": "tab:purple"}
@@ -186,36 +179,56 @@ def _python_model_class():
     import mlflow.pyfunc
 
     class _Generator(mlflow.pyfunc.PythonModel):
-        """Seeds (+ optional truncation psi, label) -> uint8 images N x H x W x 3."""
+        """Seeds (+ optional label, truncation) -> uint8 images N x H x W x 3, through the family's sampler."""
 
         def load_context(self, context):
-            from ganforge.tasks.train import load_generator
+            from ganforge.tasks.checkpoint import load_generator
 
             self.family, self.stage, self.ema, _ = load_generator(context.artifacts["checkpoint"])
 
         def predict(self, context, model_input, params=None):
-            import pandas as pd
-            import torch
+            from ganforge.tasks.registry import predict_images
 
-            from ganforge.tasks.metrics import quantize
-
-            df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-            if "seed" not in df:
-                raise ValueError("input needs a 'seed' column (one image per seed)")
-            psi = df["truncation"].fillna(1.0).to_numpy(float) if "truncation" in df else np.ones(len(df))
-            z = torch.stack([torch.randn(self.family.latent_dim, generator=torch.Generator().manual_seed(int(s)))
-                             for s in df["seed"]]) * torch.tensor(psi, dtype=torch.float32)[:, None]
-            return quantize(self.family.generate(self.ema, z, self.stage)).numpy()
+            return predict_images(self.family, self.stage, self.ema, model_input)
 
     return _Generator
 
 
-def sample_registered(model_uri: str, seeds: list[int], truncation: float = 1.0) -> np.ndarray:
+def predict_images(family, stage, ema, model_input) -> np.ndarray:
+    """The pyfunc's predict: a frame with ``seed`` and optional ``label`` and ``truncation`` columns."""
+    import pandas as pd
+
+    df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    if "seed" not in df:
+        raise ValueError("input needs a 'seed' column (one image per seed)")
+    labels = None
+    if "label" in df and family.num_classes:
+        labels = [int(v) if pd.notna(v) else family.label_for(int(s)) for v, s in zip(df["label"], df["seed"])]
+    psis = df["truncation"].fillna(1.0).to_numpy(float) if "truncation" in df else np.ones(len(df))
+    out = []
+    for psi in sorted(set(psis.tolist())):  # one call per truncation value, rows back in input order
+        rows = np.flatnonzero(psis == psi)
+        imgs = family.sample(ema, stage, [int(df["seed"].iloc[i]) for i in rows],
+                             labels=None if labels is None else [labels[i] for i in rows],
+                             truncation=None if psi == 1.0 else float(psi))
+        out.append((rows, quantize(imgs).numpy()))
+    first = out[0][1]
+    result = np.empty((len(df), *first.shape[1:]), first.dtype)
+    for rows, imgs in out:
+        result[rows] = imgs
+    return result
+
+
+def sample_registered(model_uri: str, seeds: list[int], truncation: float = 1.0,
+                      labels: list[int] | None = None) -> np.ndarray:
     import mlflow.pyfunc
     import pandas as pd
 
     model = mlflow.pyfunc.load_model(model_uri)
-    return np.asarray(model.predict(pd.DataFrame({"seed": seeds, "truncation": [truncation] * len(seeds)})))
+    frame = {"seed": seeds, "truncation": [truncation] * len(seeds)}
+    if labels is not None:
+        frame["label"] = labels
+    return np.asarray(model.predict(pd.DataFrame(frame)))
 
 
 def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: str, *, data_sha256: str) -> dict:
@@ -225,25 +238,20 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from mlflow import MlflowClient as _Client
-
-    import torch
-
-    from ganforge.tasks.metrics import quantize
-    from ganforge.tasks.train import load_generator
-
     family, stage, ema, _ = load_generator(checkpoint)  # the checkpoint, not params, says what it is
     setup_mlflow(params.runtime)
     name = params.registry.model_name or f"ganforge-{family.name}"
-    fid = repr(float(evaluation["fid"])) if evaluation and evaluation.get("fid") is not None else None
-    for mv in _existing_versions(_Client(), name):
-        if mv.tags.get("checkpoint") == str(checkpoint) and mv.tags.get("fid") == fid:
+    scores = {k: repr(float(v)) for k, v in evaluation_scores(evaluation).items()}
+    scores_sha = sha256_json(scores)
+    for mv in _existing_versions(MlflowClient(), name):
+        if mv.tags.get("checkpoint") == str(checkpoint) and mv.tags.get("scores_sha256") == scores_sha:
             log.info("%s version %s already holds %s with these metrics: not registering again", name, mv.version, checkpoint)
             return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}",
                     "tags": dict(mv.tags), "existing": True}
-    example = pd.DataFrame({"seed": [0, 1], "truncation": [1.0, 0.7]})
-    z = torch.stack([torch.randn(family.latent_dim, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
-    out_example = quantize(family.generate(ema, z, stage)).numpy()
+    example = pd.DataFrame({"seed": [0, 1], "truncation": [1.0, 0.7 if family.supports_truncation else 1.0]})
+    if family.num_classes:
+        example["label"] = [0, min(1, family.num_classes - 1)]
+    out_example = predict_images(family, stage, ema, example)
     signature = infer_signature(example, out_example)
     with mlflow.start_run(run_id=run_id):
         info = _retry(
@@ -258,7 +266,7 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
     mv = _retry(client.create_model_version, name, info.model_uri, run_id=run_id)
-    tags = {"run_id": run_id, "data_sha256": data_sha256, "checkpoint": str(checkpoint),
+    tags = {"run_id": run_id, "data_sha256": data_sha256, "checkpoint": str(checkpoint), "scores_sha256": scores_sha,
             "family": family.name, "stage": stage.name, "resolution": str(stage.resolution)}
     if evaluation:
         tags.update({
@@ -267,14 +275,25 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
             "reference_split": evaluation["reference"]["split"],
             "reference_count": str(evaluation["reference"]["count"]),
         })
-        for k in ("fid", "kid", "kid_std", "is", "rfid", "codebook_usage"):
-            if evaluation.get(k) is not None:
-                tags[k] = repr(float(evaluation[k]))
+        tags.update(scores)
     for k, v in tags.items():
         _retry(client.set_model_version_tag, name, mv.version, k, v)
     _retry(client.set_registered_model_alias, name, params.registry.challenger_alias, mv.version)
     log.info("registered %s version %s (alias %s)", name, mv.version, params.registry.challenger_alias)
     return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}", "tags": tags}
+
+
+def evaluation_scores(evaluation: dict | None) -> dict[str, float]:
+    """The numbers of an evaluation: its ``scores``; an evaluation.json written before ``scores`` existed gives
+    its top-level numbers whose direction is declared (fid, kid, is, rfid, codebook_usage, ...)."""
+    from ganforge.tasks.evaluate import direction
+
+    if not evaluation:
+        return {}
+    if "scores" in evaluation:
+        return dict(evaluation["scores"])
+    return {k: float(v) for k, v in evaluation.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and direction(k) is not None}
 
 
 def _existing_versions(client, name: str) -> list:
@@ -302,15 +321,22 @@ def promote(name: str, version: int | None, params: Params, *, force: bool = Fal
         champ = client.get_model_version_by_alias(name, reg.champion_alias)
     except Exception:  # noqa: BLE001 - no champion yet
         champ = None
-    decision: dict[str, Any] = {"name": name, "version": int(version), "forced": force,
-                                "candidate_fid": float(tags["fid"]) if "fid" in tags else None,
+    metric, higher = reg.gate_metric, reg.gate_direction == "higher"
+    label = metric.upper() if metric in ("fid", "kid", "is") else metric
+
+    def value(t: dict) -> float | None:
+        return float(t[metric]) if metric in t else None
+
+    decision: dict[str, Any] = {"name": name, "version": int(version), "forced": force, "metric": metric,
+                                "direction": reg.gate_direction, "candidate": value(tags),
                                 "champion_version": int(champ.version) if champ else None,
-                                "champion_fid": float(champ.tags["fid"]) if champ and "fid" in champ.tags else None}
+                                "champion": value(champ.tags) if champ else None}
 
     def record(ok: bool, reason: str) -> dict:
         decision.update(promoted=ok, reason=reason)
         for k, v in {"promotion.decision": "promoted" if ok else "refused", "promotion.reason": reason,
-                     "promotion.forced": str(force), "promotion.champion_fid_before": str(decision["champion_fid"])}.items():
+                     "promotion.forced": str(force), "promotion.metric": f"{metric} ({reg.gate_direction} is better)",
+                     "promotion.champion_before": str(decision["champion"])}.items():
             _retry(client.set_model_version_tag, name, str(version), k, v)
         if ok:
             _retry(client.set_registered_model_alias, name, reg.champion_alias, str(version))
@@ -319,9 +345,9 @@ def promote(name: str, version: int | None, params: Params, *, force: bool = Fal
 
     if force:
         return record(True, "forced by the user")
-    if decision["candidate_fid"] is None:
-        record(False, "version has no FID: evaluate it before promotion")
-        raise PromotionRefused(f"{name} version {version} has no FID metric: evaluate it before promotion")
+    if decision["candidate"] is None:
+        record(False, f"version has no {label}: evaluate it before promotion")
+        raise PromotionRefused(f"{name} version {version} has no {label} metric: evaluate it before promotion")
     if champ is None:
         return record(True, "first eligible version becomes champion")
     if int(champ.version) == int(version):
@@ -331,11 +357,13 @@ def promote(name: str, version: int | None, params: Params, *, force: bool = Fal
         reason = "not comparable with the champion: " + ", ".join(
             f"{k} {tags.get(k)!r} vs {champ.tags.get(k)!r}" for k in mismatch)
         return record(False, reason)
-    gain = decision["champion_fid"] - decision["candidate_fid"]
+    if decision["champion"] is None:
+        return record(True, f"the champion has no {label}: the first version with one takes over")
+    gain = decision["candidate"] - decision["champion"] if higher else decision["champion"] - decision["candidate"]
     if gain >= reg.min_improvement and gain > 0:
-        return record(True, f"FID {decision['candidate_fid']:.4f} beats champion {decision['champion_fid']:.4f} "
+        return record(True, f"{label} {decision['candidate']:.4f} beats champion {decision['champion']:.4f} "
                             f"by {gain:.4f} (>= {reg.min_improvement})")
-    return record(False, f"FID {decision['candidate_fid']:.4f} does not beat champion {decision['champion_fid']:.4f} "
+    return record(False, f"{label} {decision['candidate']:.4f} does not beat champion {decision['champion']:.4f} "
                          f"by at least {reg.min_improvement}")
 
 

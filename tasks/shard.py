@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import os
 import shutil
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -33,14 +32,18 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from ganforge.tasks.io import replace_dir, sha256_file
 from ganforge.tasks.params import DataParams
-from ganforge.tasks.sources import RESIZE_FILTER, Candidate, SourceError, list_source, load_image, prepare
+from ganforge.tasks.sources import RESIZE_FILTER, Candidate, SourceError, list_source, load_image, prepare, skip_reason
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ganforge-shards/1"
 SPLITS = ("train", "val")
+# DataParams that change how a run goes, never what it writes: left out of the manifest so that,
+# e.g., another worker count gives a byte-identical manifest.json (and unchanged manifest_hash).
+RUN_ONLY_PARAMS = {"workers"}
 
 
 class ShardError(RuntimeError):
@@ -61,8 +64,7 @@ def _process(job: tuple[Candidate, int, str]) -> tuple[bytes | None, str | None]
     try:
         arr = prepare(load_image(cand), resolution)
     except Exception as e:  # noqa: BLE001 - any decode failure is a skip with its reason
-        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        return None, reason
+        return None, skip_reason(e)
     return encode_image(arr, fmt), None
 
 
@@ -75,14 +77,6 @@ def _decode_all(jobs: list, workers: int) -> Iterator[tuple[bytes | None, str | 
     ctx = mp.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
         yield from ex.map(_process, jobs, chunksize=max(1, min(256, len(jobs) // (workers * 8))))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _SplitWriter:
@@ -117,17 +111,6 @@ class _SplitWriter:
     def finish(self) -> dict:
         self._close()
         return {"count": sum(s["count"] for s in self.shards), "shards": self.shards}
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place; the previous output survives until the new one is complete."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = True) -> dict:
@@ -185,10 +168,10 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
             "resize_filter": RESIZE_FILTER,
             "classes": listing.classes,
             "splits": splits,
-            "params": data.model_dump(mode="json"),
+            "params": data.model_dump(mode="json", exclude=RUN_ONLY_PARAMS),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -217,5 +200,5 @@ def manifest_hash(shards: str | Path) -> str:
     return sha256_file(Path(shards) / MANIFEST)
 
 
-__all__ = ["shard", "ShardError", "SourceError", "read_manifest", "manifest_hash", "sha256_file"]
+__all__ = ["shard", "ShardError", "SourceError", "read_manifest", "manifest_hash"]
 

@@ -14,13 +14,14 @@ Candidates are picklable so decoding can run in worker processes.
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 SYNTHETIC_KINDS = ("shapes", "gradients")
@@ -29,6 +30,10 @@ RESIZE_FILTER = "PIL.Image.LANCZOS (antialiased), after a centred square crop"
 
 class SourceError(ValueError):
     """The source cannot be read at all (missing, empty, offline)."""
+
+
+class DecodeError(ValueError):
+    """One candidate cannot become an image; the message is already its skip reason."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,7 @@ def load_image(c: Candidate) -> Image.Image:
         with zipfile.ZipFile(zpath) as zf:
             data = zf.read(member)
     if not data:
-        raise ValueError("empty file")
+        raise DecodeError("zero bytes")
     img = Image.open(io.BytesIO(data))
     img.load()  # force full decode: truncated files fail here, not later
     img = ImageOps.exif_transpose(img)
@@ -223,7 +228,33 @@ def load_image(c: Candidate) -> Image.Image:
 
 def prepare(img: Image.Image, resolution: int) -> np.ndarray:
     """RGB, centred square crop, antialiased resize -> HxWx3 uint8."""
-    img = to_rgb(img)
+    try:
+        img = to_rgb(img)
+    except ValueError:  # PIL: "conversion from X to Y not supported"
+        raise DecodeError(f"unsupported mode {img.mode!r} (no conversion to RGB)") from None
     if img.size != (resolution, resolution):
         img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
     return np.asarray(img, dtype=np.uint8)
+
+
+_OBJECT_REPR = re.compile(r"<(?:[\w.]*\.)?(\w+)[^<>]*>")  # "<_io.BytesIO object at 0x7f..>" -> "BytesIO"
+_ADDRESS = re.compile(r"\s+at 0x[0-9a-fA-F]+")
+
+
+def skip_reason(e: BaseException) -> str:
+    """A short, reproducible reason for ``manifest['skipped']``: the class of failure, never an
+    object repr, a memory address or an absolute (temporary) path, so reruns give the same manifest."""
+    if isinstance(e, DecodeError):
+        return str(e)
+    if isinstance(e, UnidentifiedImageError):  # its message holds "<_io.BytesIO object at 0x...>"
+        return "not a decodable image (PIL: cannot identify image file)"
+    if isinstance(e, Image.DecompressionBombError):
+        return "image too large (PIL decompression-bomb limit)"
+    if isinstance(e, OSError) and e.errno is not None:  # reading failed; str(e) names the absolute path
+        return f"cannot read file ({e.strerror or f'errno {e.errno}'})"
+    msg = _OBJECT_REPR.sub(r"\1", _ADDRESS.sub("", str(e))).strip()
+    if isinstance(e, (OSError, SyntaxError, EOFError)):  # PIL's errors while decoding the pixel data
+        if "truncated" in msg.lower():  # "image file is truncated (N bytes not processed)", "Truncated File Read"
+            return "truncated image file"
+        return f"corrupt image data (PIL: {msg})" if msg else "corrupt image data"
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

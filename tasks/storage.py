@@ -121,7 +121,7 @@ def local_copy(url: str, sha256: str | None = None) -> str:
     fs, p = fsspec.core.url_to_fs(url)
     fs.get_file(p, str(tmp))
     if sha256:
-        from ganforge.tasks.shard import sha256_file
+        from ganforge.tasks.io import sha256_file
 
         got = sha256_file(tmp)
         if got != sha256:

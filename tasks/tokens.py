@@ -23,7 +23,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ganforge.tasks.shard import MANIFEST, MANIFEST_FORMAT, _replace_dir, manifest_hash, read_manifest, sha256_file
+from ganforge.models.families import get_family
+from ganforge.tasks.checkpoint import STATE, checkpoint_dir, load_generator, load_state
+from ganforge.tasks.io import replace_dir, sha256_file
+from ganforge.tasks.params import RuntimeParams, TrainParams
+from ganforge.tasks.runtime import init_ray
+from ganforge.tasks.shard import MANIFEST, MANIFEST_FORMAT, manifest_hash, read_manifest
 
 log = logging.getLogger("ganforge.tokens")
 
@@ -31,7 +36,6 @@ log = logging.getLogger("ganforge.tokens")
 def _encode_shard(checkpoint: str, src: str, dst: str, resolution: int, batch_size: int) -> dict:
     """Encode one image shard into one token shard; returns its record and code histogram."""
     from ganforge.tasks.data import _iter_tar, decode_sample, to_model_input
-    from ganforge.tasks.train import load_generator
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same float sums whatever the machine: deterministic codes
@@ -81,11 +85,9 @@ def _usage(hist: np.ndarray) -> dict:
 
 
 def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, *, workers: int = 2,
-                   batch_size: int = 64, progress: bool = True) -> dict:
+                   batch_size: int = 64, progress: bool = True, runtime: RuntimeParams | None = None) -> dict:
     """Encode every split of ``shards`` with ``checkpoint``'s autoencoder into token shards in ``out``."""
     from tqdm import tqdm
-
-    from ganforge.tasks.loop import STATE, checkpoint_dir, load_state
 
     out, shards = Path(out), Path(shards)
     src_manifest = read_manifest(shards)
@@ -123,11 +125,8 @@ def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, 
         else:
             import ray
 
-            from ganforge.tasks.params import Params
-            from ganforge.tasks.train import init_ray
-
             if not ray.is_initialized():
-                init_ray(Params())
+                init_ray(runtime or RuntimeParams())
             remote = ray.remote(num_cpus=1)(_encode_shard)
             refs = [remote.remote(*a) for a in args]
             pending = list(refs)
@@ -146,10 +145,7 @@ def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, 
             e["_hist"] += r["histogram"]
         for e in splits.values():
             e.update(_usage(e.pop("_hist")))
-        from ganforge.tasks.params import TrainParams
-
-        tp = TrainParams.model_validate(state["params"])
-        grid = res // 2 ** (len(tp.vqgan.ch_mult) - 1)
+        grid = get_family(TrainParams.model_validate(state["params"])).grid_hw
         manifest = {
             "format": MANIFEST_FORMAT, "kind": "tokens", "count": sum(e["count"] for e in splits.values()),
             "grid": [grid, grid], "codebook_size": int(n_embed), "dtype": "int16", "resolution": res,
@@ -158,7 +154,7 @@ def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, 
             "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt_sha, "checkpoint_stage": state["stage"],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

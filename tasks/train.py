@@ -16,11 +16,16 @@ import time
 import uuid
 from pathlib import Path
 
-from ganforge.models.base import StageSpec, get_family
-from ganforge.tasks.loop import STATE, load_state, ray_train_loop
+from ganforge.models.family import StageSpec
+from ganforge.models.families import get_family
+from ganforge.tasks.checkpoint import META, STATE, checkpoint_dir, latest_checkpoint
+from ganforge.tasks.history import history_path, numeric_keys, read_history
+from ganforge.tasks.io import write_json
+from ganforge.tasks.loop import ray_train_loop
 from ganforge.tasks.params import Params
+from ganforge.tasks.runtime import init_ray
 from ganforge.tasks.shard import manifest_hash, read_manifest
-from ganforge.tasks.storage import arrow_fs, configure_s3, is_remote
+from ganforge.tasks.storage import arrow_fs, is_remote
 
 log = logging.getLogger("ganforge.train")
 
@@ -42,49 +47,6 @@ def storage_root(params: Params, run_dir: Path) -> str:
     if "://" in base:
         return f"{base.rstrip('/')}/{run_dir.name}"
     return str((Path(base) / run_dir.name).resolve())
-
-
-def latest_checkpoint(storage: str, stage: StageSpec) -> str | None:
-    """The newest complete checkpoint of ``stage`` over all its attempts in ``storage``."""
-    import pyarrow.fs as pafs
-
-    fs, root = arrow_fs(storage)
-    try:
-        attempts = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except (FileNotFoundError, OSError):
-        return None
-    found = []
-    for a in attempts:
-        if a.type != pafs.FileType.Directory or not a.base_name.startswith(stage.name + "-"):
-            continue
-        for c in fs.get_file_info(pafs.FileSelector(a.path)):
-            if c.type == pafs.FileType.Directory and c.base_name.startswith("ckpt-"):
-                if fs.get_file_info(f"{c.path}/{STATE}").type == pafs.FileType.File:
-                    found.append((c.base_name, c.path))
-    if not found:
-        return None
-    best = max(found)[1]
-    return best if "://" not in storage else f"{storage.split('://')[0]}://{best}"
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def init_ray(params: Params) -> None:
-    import ray
-
-    env = configure_s3(params.runtime.s3_endpoint_url)  # this process, and (below) every Ray worker
-    if ray.is_initialized():
-        return
-    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
-    if params.runtime.ray_address:
-        kwargs["address"] = params.runtime.ray_address
-    if env:
-        kwargs["runtime_env"] = {"env_vars": env}
-    ray.init(**kwargs)
 
 
 def _open_run(shards: str | Path, out: str | Path, params: Params) -> tuple[Path, dict, str]:
@@ -118,7 +80,7 @@ def _open_run(shards: str | Path, out: str | Path, params: Params) -> tuple[Path
 
 
 def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index: int, *,
-                init: str | None = None, fault: dict | None = None, on_progress=None) -> dict:
+                init: str | None = None, on_progress=None) -> dict:
     """Run (or skip, when finished, or resume, when interrupted) one stage; returns its summary record.
 
     ``init``: the previous stage's final checkpoint (default: from summary.json).
@@ -152,8 +114,8 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
             log.info("stage %s: its latest checkpoint %s already completes it", stage.name, resume)
             summary["stages"][stage.name] = finished
         else:
-            run_one_stage(params, stage, shards, run_dir, storage, init=init, resume=resume, fault=fault,
-                          summary=summary, on_progress=on_progress)
+            run_one_stage(params, stage, shards, run_dir, storage, init=init, resume=resume, summary=summary,
+                          on_progress=on_progress)
         summary["stages"][stage.name]["notes"] = family.notes(stage)
         export_stage(run_dir, stage.name, summary["stages"][stage.name])
     last = get_family(params.train).stages()[-1]
@@ -165,7 +127,7 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
         on_disk = json.loads(path.read_text())
         on_disk["stages"].update(summary["stages"])
         summary["stages"] = on_disk["stages"]
-    _write_json(path, summary)
+    write_json(path, summary)
     return summary["stages"][stage.name]
 
 
@@ -173,10 +135,8 @@ def _finished_checkpoint(ckpt: str | None, stage: StageSpec) -> dict | None:
     """The stage record for ``ckpt`` when that checkpoint already holds all of the stage's images."""
     if ckpt is None:
         return None
-    from ganforge.tasks.loop import checkpoint_dir
-
     with checkpoint_dir(ckpt) as d:
-        meta = json.loads((Path(d) / "meta.json").read_text())
+        meta = json.loads((Path(d) / META).read_text())
     if meta.get("images_in_stage", 0) < int(round(stage.kimg * 1000)):
         return None
     return {"done": True, "index": stage.index, "resolution": stage.resolution, "checkpoint": ckpt,
@@ -198,10 +158,11 @@ def tokens_stage(params: Params, stage: StageSpec, shards, run_dir: Path, init: 
 
     if not init:
         raise ValueError(f"stage {stage.name} needs the autoencoder checkpoint of the stage before it")
-    if params.train.vqgan.token_workers > 1:
-        init_ray(params)
+    workers = int(stage.info.get("workers", 1))
+    if workers > 1:
+        init_ray(params.runtime)
     t0 = time.perf_counter()
-    m = extract_tokens(init, shards, run_dir / TOKENS_DIR, workers=params.train.vqgan.token_workers, progress=False)
+    m = extract_tokens(init, shards, run_dir / TOKENS_DIR, workers=workers, progress=False, runtime=params.runtime)
     wall = time.perf_counter() - t0
     if on_progress is not None:
         on_progress(1.0)
@@ -222,11 +183,8 @@ def export_stage(run_dir: Path, stage_name: str, rec: dict) -> Path:
     import csv
     import shutil
 
-    from ganforge.tasks.loop import checkpoint_dir
-    from ganforge.tasks.registry import read_history
-
     dst = run_dir / "stages" / stage_name
-    if not (dst / STATE).exists() or json.loads((dst / "meta.json").read_text()).get("images_in_stage") != rec["images_seen"]:
+    if not (dst / STATE).exists() or json.loads((dst / META).read_text()).get("images_in_stage") != rec["images_seen"]:
         tmp = dst.with_name(f".{stage_name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         with checkpoint_dir(rec["checkpoint"]) as d:
@@ -236,9 +194,7 @@ def export_stage(run_dir: Path, stage_name: str, rec: dict) -> Path:
     hist = read_history(run_dir, stage_name)
     if hist:
         (run_dir / "plots").mkdir(exist_ok=True)
-        keys = [k for k in ("step", "kimg", "alpha", "loss_d", "loss_g", "penalty", "loss_rec", "loss_q",
-                            "codebook_usage", "perplexity", "loss_prior", "lr", "images_per_s")
-                if any(k in h for h in hist)]
+        keys = numeric_keys(hist)
         with open(run_dir / "plots" / f"{stage_name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
@@ -246,33 +202,30 @@ def export_stage(run_dir: Path, stage_name: str, rec: dict) -> Path:
     return dst
 
 
-def train(shards: str | Path, out: str | Path, params: Params, *, fault: dict | None = None) -> dict:
+def train(shards: str | Path, out: str | Path, params: Params) -> dict:
     """Run (or resume) every stage in order; returns the summary (also RUN_DIR/summary.json)."""
     stages = get_family(params.train).stages()
     prev = None
     for stage in stages:
-        prev = train_stage(shards, out, params, stage.index, init=prev, fault=fault)["checkpoint"]
+        prev = train_stage(shards, out, params, stage.index, init=prev)["checkpoint"]
     summary = json.loads((Path(out) / SUMMARY).read_text())
     summary["final_checkpoint"] = prev
-    _write_json(Path(out) / SUMMARY, summary)
+    write_json(Path(out) / SUMMARY, summary)
     return summary
 
 
 def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, storage: str, *, init: str | None,
-                  resume: str | None, fault: dict | None, summary: dict, on_progress=None) -> str:
+                  resume: str | None, summary: dict, on_progress=None) -> str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    init_ray(params)
+    init_ray(params.runtime)
     tp = params.train
-    if fault is None and os.environ.get("GANFORGE_INJECT_FAILURE"):
-        # test hook: kill one worker once at a given stage/step/rank (see tests/)
-        fault = json.loads(os.environ["GANFORGE_INJECT_FAILURE"])
     if resume:
         log.info("stage %s: resuming from %s", stage.name, resume)
     config = {
         "params": tp.model_dump(mode="json"), "stage": stage.index, "shards": shards if is_remote(shards) else str(Path(shards).resolve()),
-        "run_dir": str(run_dir.resolve()), "init": init, "resume": resume, "fault": fault,
+        "run_dir": str(run_dir.resolve()), "init": init, "resume": resume,
         "threads": max(1, int(tp.cpus_per_worker)),
     }
     use_gpu = tp.gpus_per_worker > 0
@@ -337,7 +290,7 @@ def _fit_with_progress(trainer, run_dir: Path, stage: StageSpec, on_progress):
 
     th = threading.Thread(target=target, name=f"fit-{stage.name}", daemon=True)
     th.start()
-    hist = run_dir / "metrics" / f"{stage.name}.jsonl"
+    hist = history_path(run_dir, stage.name)
     while th.is_alive():
         th.join(5.0)
         try:
@@ -349,23 +302,3 @@ def _fit_with_progress(trainer, run_dir: Path, stage: StageSpec, on_progress):
         raise box["error"]
     on_progress(1.0)
     return box["result"]
-
-
-def load_generator(checkpoint: str | Path, device: str = "cpu"):
-    """The EMA generator of a checkpoint, with the family and stage that made it."""
-    from ganforge.tasks.loop import checkpoint_dir
-    from ganforge.tasks.params import TrainParams
-
-    with checkpoint_dir(str(checkpoint)) as d:
-        state = load_state(d)
-    tp = TrainParams.model_validate(state["params"])
-    family = get_family(tp)
-    stage = next((s for s in family.stages() if s.name == state["stage"]), None)
-    if stage is None:
-        raise ValueError(f"checkpoint stage {state['stage']} is not a stage of its own params")
-    modules = family.build(stage)
-    ema = {k: modules[k] for k in family.ema_names(stage)}
-    for k, m in ema.items():
-        m.load_state_dict(state["ema"][k])
-        m.to(device).eval().requires_grad_(False)
-    return family, stage, ema, state

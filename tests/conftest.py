@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# Test-only families (tests/plugins: a module + the dist-info that declares its `ganforge.families` entry
+# points), visible to this process, to Ray workers and to CLI / `dvc repro` subprocesses, as an installed
+# package of the user's would be. Done before ganforge is imported: the family registry is read once.
+PLUGINS = Path(__file__).parent / "plugins"
+sys.path.insert(0, str(PLUGINS))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH")) if p)
 
 from ganforge.tasks.params import DataParams  # noqa: E402
 from ganforge.tasks.shard import shard  # noqa: E402
@@ -38,3 +46,20 @@ def local_ray():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def stop_and_resume(config: dict, tmp_path: Path, stop: int, total: int) -> tuple[str, str, str]:
+    """Run a stage in-process to ``total`` steps, and again stopped at ``stop`` and resumed from that checkpoint
+    to ``total``: (uninterrupted final checkpoint, stopped checkpoint, resumed final checkpoint)."""
+    import torch
+
+    from ganforge.tasks.loop import LocalSession, run_stage
+
+    torch.set_num_threads(1)
+    full = LocalSession(tmp_path / "full")
+    run_stage({**config, "max_steps": total}, full)
+    part = LocalSession(tmp_path / "part")
+    run_stage({**config, "max_steps": stop}, part)
+    resumed = LocalSession(tmp_path / "resumed", resume_from=part.checkpoints[-1])
+    run_stage({**config, "max_steps": total}, resumed)
+    return full.checkpoints[-1], part.checkpoints[-1], resumed.checkpoints[-1]

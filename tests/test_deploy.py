@@ -56,6 +56,23 @@ def test_deployment_run_through_the_api(tmp_path):
 
             fr = anyio.run(wait)
             assert fr.state.is_completed(), (fr.state, (tmp_path / "serve.log").read_text()[-4000:])
+
+            async def schema():
+                async with get_client() as c:
+                    return (await c.read_deployment_by_name("train-pipeline/ganforge")).parameter_openapi_schema
+
+            # the UI's custom-run form is rendered from this schema: every section, every family's section,
+            # the family drop-down, descriptions and defaults
+            from ganforge.models.families import family_classes
+
+            sch = anyio.run(schema)
+            defs = sch.get("definitions") or sch.get("$defs")
+            assert {"data", "train", "eval", "registry", "runtime"} <= set(defs["Params"]["properties"])
+            train = defs["TrainParams"]["properties"]
+            assert set(family_classes()) <= set(train) and set(train["family"]["enum"]) == set(family_classes())
+            assert train["family"]["default"] == "progan" and "description" in train["family"]
+            assert defs["ProGANParams"]["properties"]["fmap_max"]["description"]
+            assert "default" in defs["VQGANParams"]["properties"]["n_embed"]
         finally:
             server.terminate()
             server.wait(30)

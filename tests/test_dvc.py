@@ -1,5 +1,7 @@
-"""Real DVC in a temp git repo: `dvc repro` end to end on tiny data (ProGAN's and VQ-GAN's stages), the
-no-op re-run, and a selective re-run after an eval param change (only evaluate and register run)."""
+"""Real DVC in a temp git repo: `dvc repro` end to end on tiny data (ProGAN's, VQ-GAN's and the test-only
+toyvae family's stages, all from the one generic dvc.yaml iterating `ganforge dvc-stages`), the no-op re-run,
+and a selective re-run after an eval param change (only evaluate and register run); the committed stage list
+matches params.yaml, and a stale one is refused."""
 
 import json
 import os
@@ -30,6 +32,7 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     p["data"].update(source="synthetic:shapes:48", workers=1)
     p["train"].update(batch_size=16, checkpoint_kimg=1.0, log_every=2)
     p["train"]["progan"].update(fmap_max=16, fmap_base=64, latent_dim=16, transition_kimg=0.032, stabilize_kimg=0.032)
+    p["train"]["toyvae"] = dict(stage_kimg=0.032, width=8)
     p["train"]["vqgan"].update(ch=8, ch_mult=[1, 2, 2], z_channels=8, embed_dim=8, n_embed=16, disc_start=2, disc_ch=8,
                                n_layer=1, n_head=2, n_embd=16, autoencoder_kimg=0.032, prior_kimg=0.032, token_workers=1)
     p["eval"].update(num_samples=8, kid_subsets=3, workers=1)
@@ -39,10 +42,15 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
+    # the toy family lives in tests/plugins (an entry point, as a user's package): no edit of ganforge or dvc.yaml
+    _run(["ganforge", "-q", "dvc-stages", "--pipeline", "demo=progan:runs/demo", "--pipeline", "vqgan=vqgan:runs/vqgan",
+          "--pipeline", "toy=toyvae:runs/toy"], repo, env)
     out = _run(["dvc", "repro"], repo, env)
-    for stage in ("shard", "train_r0004", "train_r0032", "evaluate", "register", "vqgan_autoencoder", "vqgan_tokens",
-                  "vqgan_prior", "vqgan_evaluate", "vqgan_register"):
-        assert f"Running stage '{stage}'" in out
+    for stage in ("shard", "train@demo-progan-r0004", "train@demo-progan-r0032", "evaluate@demo", "register@demo",
+                  "train@vqgan-vqgan-1-autoencoder", "tokens@vqgan-vqgan-2-tokens", "train@vqgan-vqgan-3-prior",
+                  "evaluate@vqgan", "register@vqgan", "train@toy-toyvae-1", "train@toy-toyvae-2", "evaluate@toy",
+                  "register@toy"):
+        assert f"Running stage '{stage}'" in out, stage
     metrics = json.loads((repo / "runs/demo/eval/metrics.json").read_text())
     assert metrics["fid"] > 0 and metrics["protocol"] == "tf1" and metrics["num_samples"] == 8
     reg = json.loads((repo / "runs/demo/registered.json").read_text().strip().splitlines()[-1])
@@ -53,11 +61,38 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     vreg = json.loads((repo / "runs/vqgan/registered.json").read_text().strip().splitlines()[-1])
     assert vreg["name"] == "ganforge-vqgan" and vreg["version"] == 1
     assert json.loads((repo / "runs/vqgan/tokens/manifest.json").read_text())["grid"] == [8, 8]
+    toy = json.loads((repo / "runs/toy/registered.json").read_text().strip().splitlines()[-1])
+    assert toy["name"] == "ganforge-toyvae" and toy["version"] == 1
+    assert json.loads((repo / "runs/toy/eval/metrics.json").read_text())["fid"] > 0
+    assert "loss_elbo" in (repo / "runs/toy/plots/toyvae-2.csv").read_text().splitlines()[0]
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], repo, env)
     assert "fid" in _run(["dvc", "metrics", "show"], repo, env)
     p["eval"]["num_samples"] = 10
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = _run(["dvc", "repro"], repo, env)
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-    assert sorted(ran) == ["evaluate", "register", "vqgan_evaluate", "vqgan_register"], out
+    assert sorted(ran) == ["evaluate@demo", "evaluate@toy", "evaluate@vqgan", "register@demo", "register@toy",
+                           "register@vqgan"], out
     assert json.loads((repo / "runs/demo/eval/metrics.json").read_text())["num_samples"] == 10
+
+
+def test_committed_stage_list_matches_params(tmp_path):
+    """dvc-stages.yaml in the repository is what `ganforge dvc-stages` derives from params.yaml."""
+    shutil.copy(ROOT / "dvc-stages.yaml", tmp_path / "dvc-stages.yaml")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    _run(["ganforge", "-q", "dvc-stages"], tmp_path, env)
+    assert (tmp_path / "dvc-stages.yaml").read_text() == (ROOT / "dvc-stages.yaml").read_text()
+
+
+def test_stale_stage_list_is_refused(tmp_path):
+    shutil.copy(ROOT / "dvc-stages.yaml", tmp_path / "dvc-stages.yaml")
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["train"]["resolution"] = 16  # ProGAN now ends at 16px: the list (ending at 32px) is stale
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    r = subprocess.run([sys.executable, "-m", "ganforge.flows.cli", "-q", "train", "--set", "train.family=progan",
+                        "--set", "train.out=runs/demo", "--stage", "progan-r0004", "--stages-file", "dvc-stages.yaml"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("ganforge train: error: dvc-stages.yaml is stale"), r.stderr
+    assert "run `ganforge dvc-stages`" in r.stderr

@@ -8,7 +8,7 @@ import pytest
 
 from ganforge.tasks.evaluate import evaluate
 from ganforge.tasks.loop import LocalSession, run_stage
-from ganforge.tasks.metrics import ImageSet, _read_slice
+from ganforge.tasks.images import ImageSet, _read_slice
 from ganforge.tasks.params import EvalParams, Params
 from ganforge.tasks.shard import shard
 from ganforge.tasks.params import DataParams

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ganforge.tasks.images import extract_features, image_set, reference_features
 from ganforge.tasks.metrics import (
-    FeatureExtractor, extract_features, frechet_distance, image_set, inception_score_from_logits,
-    kernel_inception_distance, quantize, reference_features, tf1_resize,
+    FeatureExtractor, frechet_distance, inception_score_from_logits, kernel_inception_distance, quantize, tf1_resize,
 )
 from ganforge.tasks.params import DataParams
 from ganforge.tasks.shard import shard

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ganforge.tasks.loop import load_state
+from ganforge.tasks.checkpoint import load_state
 from ganforge.tasks.params import Params
 from ganforge.tasks.train import train
 

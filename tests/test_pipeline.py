@@ -66,18 +66,14 @@ def test_flow_full_run_then_cached_rerun(harness, tmp_path):
 
 
 def test_flow_interrupted_stage_resumes(harness, tmp_path):
-    import os
-
     from ganforge.flows.pipeline import train_pipeline
 
-    p = tiny(tmp_path, "crash")
     marker = tmp_path / "killed"
-    os.environ["GANFORGE_INJECT_FAILURE"] = json.dumps(
-        {"stage": "progan-r0008", "step": 5, "rank": 0, "marker": str(marker)})
-    try:
-        state = train_pipeline(params=p, return_state=True)
-    finally:
-        del os.environ["GANFORGE_INJECT_FAILURE"]
+    base = tiny(tmp_path, "crash").train.progan.model_dump()
+    # the test-only family progan_faulty (tests/plugins) kills a worker once, from outside ganforge
+    p = tiny(tmp_path, "crash", family="progan_faulty", progan_faulty={
+        **base, "fail_stage": "progan-r0008", "fail_step": 5, "fail_rank": 0, "fail_marker": str(marker)})
+    state = train_pipeline(params=p, return_state=True)
     # the stage task's retry (with back-off) resumes the interrupted stage from its latest checkpoint
     assert state.is_completed() and marker.exists()
     r = state.result()
@@ -107,3 +103,22 @@ def test_flow_runs_the_vqgan_family(harness, tmp_path):
     imgs = sample_registered(f"models:/{r['model']}/{r['version']}", [0, 1, 2])
     assert imgs.shape == (3, 8, 8, 3) and imgs.dtype == "uint8"
     assert (Path(p.train.out) / "tokens" / "manifest.json").exists()
+
+
+def test_flow_runs_a_family_from_outside_ganforge(harness, tmp_path):
+    """toyvae is defined in tests/plugins and found through its entry point: the same flow trains its two
+    chained stages on Ray, evaluates, registers and samples it, with no edit to ganforge."""
+    from ganforge.flows.pipeline import train_pipeline
+    from ganforge.tasks.registry import sample_registered, setup_mlflow
+
+    p = tiny(tmp_path, "toy", family="toyvae", toyvae=dict(width=8, stage_kimg=0.032))
+    state = train_pipeline(params=p, return_state=True)
+    r = state.result()
+    states = _task_states(state.state_details.flow_run_id)
+    assert sorted(k for k in states if k.startswith("train-stage")) == ["train-stage-0", "train-stage-1"]
+    assert r["model"] == "ganforge-toyvae" and r["version"] == 1 and r["fid"] > 0
+    summary = json.loads((Path(p.train.out) / "summary.json").read_text())
+    assert summary["stages"]["toyvae-2"]["last_metrics"]["steps_seen"] == 4  # family state carried across stages
+    setup_mlflow(p.runtime)
+    imgs = sample_registered(f"models:/{r['model']}/{r['version']}", [0, 1, 2])
+    assert imgs.shape == (3, 8, 8, 3) and imgs.dtype == "uint8"

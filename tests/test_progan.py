@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ganforge.models.layers import EqualizedConv2d, EqualizedLinear, MinibatchStd
-from ganforge.models.progan import ProGAN, fade_reals
-from ganforge.tasks.loop import LocalSession, load_state, run_stage
+from conftest import stop_and_resume
+
+from ganforge.models.nn.equalized import EqualizedConv2d, EqualizedLinear, MinibatchStd
+from ganforge.models.families.progan import ProGAN, fade_reals
+from ganforge.tasks.checkpoint import load_state
+from ganforge.tasks.loop import LocalSession, run_stage
 from ganforge.tasks.params import TrainParams
 
 
@@ -87,22 +90,16 @@ def _weights(ckpt: str):
 def test_resume_is_exact(digits_shards, tmp_path, loss):
     p = tiny_params(progan=dict(fmap_max=16, fmap_base=64, latent_dim=16, transition_kimg=0.2, stabilize_kimg=0.2, loss=loss))
     base = {"params": p.model_dump(mode="json"), "stage": 1, "shards": str(digits_shards), "run_dir": str(tmp_path)}
-    torch.set_num_threads(1)
-    full = LocalSession(tmp_path / "full")
-    run_stage({**base, "max_steps": 7}, full)
-    part = LocalSession(tmp_path / "part")
-    run_stage({**base, "max_steps": 3}, part)
-    resumed = LocalSession(tmp_path / "resumed", resume_from=part.checkpoints[-1])
-    run_stage({**base, "max_steps": 7}, resumed)
-    st_full, w_full = _weights(full.checkpoints[-1])
-    st_res, w_res = _weights(resumed.checkpoints[-1])
+    full, part, resumed = stop_and_resume(base, tmp_path, 3, 7)
+    st_full, w_full = _weights(full)
+    st_res, w_res = _weights(resumed)
     assert st_full["step"] == st_res["step"] == 7 and st_res["attempt_start_images"] == 24
     for k in w_full:
         assert torch.allclose(w_full[k], w_res[k], rtol=0, atol=1e-6), k
     for k in st_full["ema"]["G"]:
         assert torch.allclose(st_full["ema"]["G"][k], st_res["ema"]["G"][k], atol=1e-6)
     # and training did move the weights
-    st_part, w_part = _weights(part.checkpoints[-1])
+    st_part, w_part = _weights(part)
     assert any(not torch.allclose(w_part[k], w_full[k]) for k in w_full)
 
 

@@ -68,7 +68,9 @@ def test_pipeline_on_s3_storage(s3, digits_shards, tmp_path):
     from ganforge.tasks.data import TrainStream, iter_split
     from ganforge.tasks.evaluate import evaluate
     from ganforge.tasks.registry import register, sample_registered, setup_mlflow, start_pipeline_run
-    from ganforge.tasks.train import init_ray, latest_checkpoint, train
+    from ganforge.tasks.checkpoint import latest_checkpoint
+    from ganforge.tasks.runtime import init_ray
+    from ganforge.tasks.train import train
 
     endpoint, client = s3
     p = Params.model_validate({
@@ -80,7 +82,7 @@ def test_pipeline_on_s3_storage(s3, digits_shards, tmp_path):
         "runtime": dict(ray_storage="s3://ray/runs", s3_endpoint_url=endpoint,
                         mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", mlflow_artifact_root="s3://mlflow/artifacts"),
     })
-    init_ray(p)  # exports the endpoint here and to every Ray worker
+    init_ray(p.runtime)  # exports the endpoint here and to every Ray worker
     assert os.environ["AWS_ENDPOINT_URL"] == endpoint
     assert ray.get_runtime_context().runtime_env.get("env_vars", {}).get("AWS_ENDPOINT_URL") == endpoint
 
@@ -101,7 +103,7 @@ def test_pipeline_on_s3_storage(s3, digits_shards, tmp_path):
     keys = _keys(client, "ray")
     assert any(k.endswith("ckpt-0000000032/state.pt") and "progan-r0004" in k for k in keys)
     assert any(k.endswith("/grid.png") for k in keys)
-    from ganforge.models.base import get_family
+    from ganforge.models.families import get_family
 
     st = get_family(p.train).stages()[1]
     assert latest_checkpoint("s3://ray/runs/run", st) == final

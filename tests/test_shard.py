@@ -74,17 +74,16 @@ def test_messy_folder_counts_reasons_and_determinism(messy, tmp_path):
     skipped = {s["path"]: s["reason"] for s in m1["skipped"]}
     assert set(skipped) == info["bad"]
     assert "not an image" in skipped["cats/notes.txt"]
-    assert "empty" in skipped["dogs/empty.jpg"]
-    assert "truncated" in skipped["dogs/trunc.png"].lower() or "OSError" in skipped["dogs/trunc.png"]
-    assert "UnidentifiedImageError" in skipped["cats/fake.png"]
+    assert skipped["dogs/empty.jpg"] == "zero bytes"
+    assert skipped["dogs/trunc.png"] == "truncated image file"
+    assert skipped["cats/fake.png"] == "not a decodable image (PIL: cannot identify image file)"
     assert m1["classes"] == ["cats", "dogs"]
     # a second run (with parallel workers) gives byte-identical output
     m2 = shard(str(src), tmp_path / "o2", params.model_copy(update={"workers": 2}), progress=False)
     files1 = sorted(p.name for p in (tmp_path / "o1").iterdir())
     assert files1 == sorted(p.name for p in (tmp_path / "o2").iterdir())
-    for name in files1:
-        if name != "manifest.json":
-            assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes(), name
+    for name in files1:  # manifest.json included: worker count and skip reasons leave no trace
+        assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes(), name
     assert m1["splits"] == m2["splits"]
     # every stored image is 16x16 RGB uint8 with a label
     for s in m1["splits"]["train"]["shards"] + m1["splits"]["val"]["shards"]:
@@ -176,3 +175,30 @@ def test_synthetic_is_deterministic_and_labelled(tmp_path):
     assert m1["splits"] == m2["splits"] and m1["count"] == 30 and m1["classes"] == ["circle", "square", "triangle"]
     assert m1["splits"]["val"]["count"] == 0
     json.dumps(m1)
+
+
+def test_manifest_is_reproducible_with_bad_files(tmp_path):
+    """Same folder with broken files, two runs (2 vs 1 workers, different output folders): byte-identical
+    manifest.json, and skip reasons carry no object reprs or memory addresses."""
+    src = tmp_path / "src"
+    rng = np.random.default_rng(1)
+    for i in range(70):  # >= 64 jobs, so workers=2 really decodes in a process pool
+        _save(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)), src / f"good_{i:02d}.png")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (src / "trunc.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (src / "empty.png").write_bytes(b"")
+    (src / "text.jpg").write_text("not an image, just text")
+    params = DataParams(resolution=8, shard_size=16, val_fraction=0.25)
+    shard(str(src), tmp_path / "a", params.model_copy(update={"workers": 2}), progress=False)
+    shard(str(src), tmp_path / "b" / "shards", params.model_copy(update={"workers": 1}), progress=False)
+    raw = (tmp_path / "a" / "manifest.json").read_bytes()
+    assert raw == (tmp_path / "b" / "shards" / "manifest.json").read_bytes()
+    m = json.loads(raw)
+    assert m["count"] == 70
+    reasons = {s["path"]: s["reason"] for s in m["skipped"]}
+    assert set(reasons) == {"trunc.png", "empty.png", "text.jpg"}
+    assert all("0x" not in r and "<" not in r for r in reasons.values()), reasons
+    assert reasons["trunc.png"] == "truncated image file"
+    assert reasons["empty.png"] == "zero bytes"
+    assert reasons["text.jpg"] == "not a decodable image (PIL: cannot identify image file)"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ganforge.tasks.loop import load_state
+from ganforge.tasks.checkpoint import load_state
 from ganforge.tasks.params import Params
 from ganforge.tasks.train import train
 
@@ -48,11 +48,18 @@ def test_two_workers_two_stages_then_rerun_skips(digits_shards, tmp_path):
         train(digits_shards, p.train.out, ray_params(tmp_path, batch_size=8))
 
 
+def faulty(p: Params, **fault) -> Params:
+    """The same run with the test-only family `progan_faulty` (tests/plugins), which kills one worker once."""
+    d = p.model_dump(mode="json")
+    d["train"].update(family="progan_faulty", progan_faulty={**d["train"]["progan"], **fault})
+    return Params.model_validate(d)
+
+
 def test_worker_death_mid_stage_is_recovered(digits_shards, tmp_path):
-    p = ray_params(tmp_path, checkpoint_kimg=0.032)
     marker = tmp_path / "killed"
-    fault = {"stage": "progan-r0008", "step": 6, "rank": 1, "marker": str(marker)}
-    s = train(digits_shards, p.train.out, p, fault=fault)
+    p = faulty(ray_params(tmp_path, checkpoint_kimg=0.032), fail_stage="progan-r0008", fail_step=6, fail_rank=1,
+               fail_marker=str(marker))
+    s = train(digits_shards, p.train.out, p)
     assert marker.exists(), "the failure was injected"
     final = s["final_checkpoint"]
     meta = _meta(final)
@@ -63,10 +70,10 @@ def test_worker_death_mid_stage_is_recovered(digits_shards, tmp_path):
 
 
 def test_interrupted_run_resumes_on_rerun(digits_shards, tmp_path):
-    p = ray_params(tmp_path, max_failures=0, checkpoint_kimg=0.032)
-    fault = {"stage": "progan-r0008", "step": 5, "rank": 0, "marker": str(tmp_path / "killed")}
+    p = faulty(ray_params(tmp_path, max_failures=0, checkpoint_kimg=0.032), fail_stage="progan-r0008",
+               fail_step=5, fail_rank=0, fail_marker=str(tmp_path / "killed"))
     with pytest.raises(RuntimeError, match="progan-r0008"):
-        train(digits_shards, p.train.out, p, fault=fault)
+        train(digits_shards, p.train.out, p)
     summary = json.loads((Path(p.train.out) / "summary.json").read_text())
     assert summary["stages"]["progan-r0004"]["done"] and "progan-r0008" not in summary["stages"]
     s = train(digits_shards, p.train.out, p)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ganforge.models.prior import GPT, adamw_param_groups, cosine_lr, draw, filter_logits, sample
-from ganforge.models.vqgan import VQGAN, VectorQuantizer, codebook_stats, load_lpips
+from ganforge.models.nn.gpt import GPT, adamw_param_groups, cosine_lr, draw, filter_logits, sample
+from ganforge.models.nn.lpips import load_lpips
+from ganforge.models.families.vqgan import VQGAN, VectorQuantizer, codebook_stats
 from ganforge.tasks.params import Params, ParamsError, TrainParams, load_params
 
 TINY = dict(ch=8, ch_mult=[1, 2, 2], z_channels=8, embed_dim=8, n_embed=32, disc_start=4, disc_ch=8, disc_layers=2,
@@ -59,7 +60,7 @@ def test_codebook_stats_counts_and_perplexity():
 
 
 def test_dead_codes_are_restarted_onto_encoder_outputs():
-    from ganforge.models.base import StepContext
+    from ganforge.models.family import StepContext
 
     fam = VQGAN(TrainParams(family="vqgan", resolution=16, vqgan=TINY))
     q = VectorQuantizer(8, 2)
@@ -79,7 +80,7 @@ def test_token_round_trip_is_stable_once_the_autoencoder_has_learned():
     """encode -> decode -> encode gives back (nearly) the same codes: tokens describe images the decoder makes."""
     from sklearn.datasets import load_digits
 
-    from ganforge.models.vqgan import VQModel
+    from ganforge.models.families.vqgan import VQModel
 
     torch.manual_seed(0)
     x = torch.tensor(load_digits().images[:64], dtype=torch.float32)[:, None].repeat(1, 3, 1, 1) / 8 - 1
@@ -212,17 +213,20 @@ def test_vqgan_three_stages_on_two_ray_workers(digits_shards, tmp_path, local_ra
     from ganforge.tasks.data import TokenStream
     from ganforge.tasks.evaluate import evaluate
     from ganforge.tasks.tokens import extract_tokens
-    from ganforge.tasks.train import load_generator, train
+    from ganforge.tasks.checkpoint import load_generator
+    from ganforge.tasks.train import train
 
     run = tmp_path / "run"
+    marker = tmp_path / "killed"
+    # vqgan_faulty (tests/plugins) is VQ-GAN that kills one worker once: here rank 1 of the prior at step 7
     params = Params.model_validate({
-        "train": dict(family="vqgan", out=str(run), resolution=16, workers=2, batch_size=16, checkpoint_kimg=0.08,
-                      log_every=5, grid_size=4, max_failures=1, vqgan={**TINY, "prior_classes": 10}),
+        "train": dict(family="vqgan_faulty", out=str(run), resolution=16, workers=2, batch_size=16,
+                      checkpoint_kimg=0.08, log_every=5, grid_size=4, max_failures=1,
+                      vqgan_faulty={**TINY, "prior_classes": 10, "fail_stage": "vqgan-3-prior", "fail_step": 7,
+                                    "fail_rank": 1, "fail_marker": str(marker)}),
         "eval": dict(num_samples=20, workers=2, kid_subsets=3, kid_subset_size=10, cache_dir=str(tmp_path / "cache")),
     })
-    marker = tmp_path / "killed"
-    summary = train(digits_shards, run, params, fault={"stage": "vqgan-3-prior", "step": 7, "rank": 1,
-                                                         "marker": str(marker)})
+    summary = train(digits_shards, run, params)
     assert marker.exists()  # a worker of the prior stage died ...
     st = summary["stages"]
     assert list(st) == ["vqgan-1-autoencoder", "vqgan-2-tokens", "vqgan-3-prior"]
@@ -262,7 +266,7 @@ def test_vqgan_three_stages_on_two_ray_workers(digits_shards, tmp_path, local_ra
     assert a.shape == (3, 3, 16, 16) and torch.equal(a, fam.generate(ema, z, stage))
     assert torch.allclose(fam.generate(ema, z[:1], stage), a[:1], atol=1e-4)  # batch-independent
     res = evaluate(st["vqgan-3-prior"]["checkpoint"], digits_shards, params.eval, out=tmp_path / "eval", progress=False)
-    assert res["fid"] > 0 and res["rfid"] > 0 and 0 < res["codebook_usage"] <= 1 and res["family"] == "vqgan"
+    assert res["fid"] > 0 and res["rfid"] > 0 and 0 < res["codebook_usage"] <= 1 and res["family"] == "vqgan_faulty"
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"fid", "kid", "rfid", "codebook_usage"} <= set(saved)
     with pytest.raises(ValueError, match="no sampler"):
@@ -289,7 +293,8 @@ def test_token_stage_refuses_bad_input(digits_shards, tmp_path):
 def test_prior_stage_keeps_the_autoencoder_that_made_its_tokens(digits_shards, tmp_path):
     """With EMA on, the tokens come from the autoencoder's EMA weights; the prior stage must decode with exactly
     those (its frozen copy is neither trained nor pulled towards anything), in-process (LocalSession)."""
-    from ganforge.tasks.loop import LocalSession, load_state, run_stage
+    from ganforge.tasks.checkpoint import load_state
+    from ganforge.tasks.loop import LocalSession, run_stage
     from ganforge.tasks.tokens import extract_tokens
 
     tp = TrainParams(family="vqgan", resolution=16, batch_size=8, checkpoint_kimg=1.0, grid_size=2,
@@ -310,7 +315,7 @@ def test_prior_stage_keeps_the_autoencoder_that_made_its_tokens(digits_shards, t
 
 def test_vqgan_stages_refuse_bad_input(digits_shards, tmp_path):
     """Missing tokens, missing labels for a class-conditional prior, an autoencoder asked for samples: clear errors."""
-    from ganforge.models.base import StepContext
+    from ganforge.models.family import StepContext
     from ganforge.tasks.train import train_stage
 
     p = Params.model_validate({"train": dict(family="vqgan", out=str(tmp_path / "run"), resolution=16, vqgan=TINY)})

@@ -22,18 +22,79 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganforge.models.base import GANFamily, StageSpec, StepContext
-from ganforge.tasks.params import TrainParams
+from pydantic import Field, field_validator, model_validator
+
+from ganforge.models import losses
+from ganforge.models.family import Betas, GANFamily, Section, StageSpec, StepContext
+from ganforge.models.nn.lpips import LPIPS, load_lpips
+from ganforge.models.nn.patchgan import PatchDiscriminator
 
 log = logging.getLogger("ganforge.vqgan")
 
 AUTOENCODER, TOKENS, PRIOR = "vqgan-1-autoencoder", "vqgan-2-tokens", "vqgan-3-prior"
+
+
+class VQGANParams(Section):
+    """VQ-GAN: autoencoder (stage 1) -> code extraction (stage 2) -> transformer prior (stage 3)."""
+
+    # autoencoder
+    ch: int = Field(32, ge=4, description="base channels of encoder/decoder")
+    ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 2],
+                               description="channel multiplier per level; downsampling factor f = 2^(len-1)")
+    num_res_blocks: int = Field(1, ge=1)
+    attention: bool = Field(True, description="self-attention at the lowest resolution")
+    z_channels: int = Field(32, ge=1)
+    embed_dim: int = Field(32, ge=1, description="codebook vector dimension d")
+    n_embed: int = Field(128, ge=2, le=32767, description="codebook size K")
+    beta: float = Field(0.25, ge=0, description="commitment weight")
+    legacy_beta: bool = Field(False, description="taming's legacy loss: beta on the codebook term instead")
+    restart_every: int = Field(100, ge=0, description="steps between dead-code restarts (0: never)")
+    lr: float = Field(2e-4, gt=0)
+    betas: Betas = (0.5, 0.9)
+    disc_start: int = Field(500, ge=0, description="steps before the PatchGAN loss switches on")
+    disc_weight: float = Field(0.8, ge=0, description="factor on the adaptive GAN weight")
+    disc_ch: int = Field(32, ge=4)
+    disc_layers: int = Field(2, ge=1)
+    perceptual_weight: float = Field(1.0, ge=0)
+    lpips_vgg_path: str | None = Field(None, description="torchvision VGG16 state dict for LPIPS; None: L1 only")
+    lpips_lin_path: str | None = Field(None, description="LPIPS linear heads (lpips' weights/v0.1/vgg.pth)")
+    autoencoder_kimg: float = Field(20.0, gt=0, description="thousands of images for stage 1")
+    ema: bool = Field(False, description="keep EMA copies (uses train.ema_half_life_kimg)")
+    # tokens
+    token_workers: int = Field(2, ge=1, description="Ray tasks encoding shards in stage 2")
+    # prior
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(128, ge=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    prior_classes: int = Field(0, ge=0, description="0: unconditional; N: class-conditional on labels 0..N-1")
+    prior_lr: float = Field(6e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW, on linear weights only")
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="0: off")
+    prior_kimg: float = Field(20.0, gt=0, description="thousands of token grids for stage 3")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("ch_mult")
+    @classmethod
+    def _mult(cls, v: list[int]) -> list[int]:
+        if not v or any(m < 1 for m in v):
+            raise ValueError(f"must be a non-empty list of positive integers, got {v}")
+        return v
+
+
+    @model_validator(mode="after")
+    def _heads(self) -> "VQGANParams":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -208,111 +269,48 @@ class VQModel(nn.Module):
         return self.decode(zq), qloss, info
 
 
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix / taming's NLayerDiscriminator): a grid of real/fake logits, one per patch."""
-
-    def __init__(self, ch: int = 64, n_layers: int = 3):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        mult = 1
-        for n in range(1, n_layers + 1):
-            prev, mult = mult, min(2**n, 8)
-            stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ch * prev, ch * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ch * mult),
-                       nn.LeakyReLU(0.2, True)]
-        layers.append(nn.Conv2d(ch * mult, 1, 4, 1, 1))
-        self.main = nn.Sequential(*layers)
-        for m in self.modules():  # taming's weights_init
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
-
-
-# ----------------------------------------------------------------------------- LPIPS (optional)
-
-
-class LPIPS(nn.Module):
-    """LPIPS-VGG (Zhang et al. 2018) from local weights: a torchvision VGG16 state dict and the
-    LPIPS linear heads (the ``lpips`` package's ``weights/v0.1/vgg.pth``, keys ``lin0.model.1.weight``..)."""
-
-    _CUTS = (4, 9, 16, 23, 30)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-    _CHANNELS = (64, 128, 256, 512, 512)
-
-    def __init__(self, vgg_path: str | Path, lin_path: str | Path):
-        super().__init__()
-        from torchvision.models import vgg16
-
-        vgg = vgg16(weights=None)
-        vgg.load_state_dict(torch.load(vgg_path, map_location="cpu", weights_only=True))
-        self.features = vgg.features[: self._CUTS[-1]]
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self._CHANNELS)
-        lin = torch.load(lin_path, map_location="cpu", weights_only=True)
-        for i, conv in enumerate(self.lins):
-            conv.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
-        self.requires_grad_(False).eval()
-
-    def _feats(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out, h, start = [], (x - self.shift) / self.scale, 0
-        for cut in self._CUTS:
-            h = self.features[start:cut](h)
-            out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
-            start = cut
-        return out
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Per-image distance [B] of images in [-1, 1]."""
-        return sum(lin((fa - fb).pow(2)).mean((1, 2, 3)) for lin, fa, fb in zip(self.lins, self._feats(a), self._feats(b)))
-
-
-def load_lpips(vgg_path: str | None, lin_path: str | None) -> tuple[LPIPS | None, str]:
-    """(LPIPS, "enabled ...") or (None, the reason it is off)."""
-    if not vgg_path or not lin_path:
-        return None, ("disabled: train.vqgan.lpips_vgg_path / lpips_lin_path are not set (VGG weights cannot be "
-                      "downloaded here); reconstruction loss is L1 only")
-    for p in (vgg_path, lin_path):
-        if not Path(p).exists():
-            return None, f"disabled: {p} does not exist; reconstruction loss is L1 only"
-    try:
-        return LPIPS(vgg_path, lin_path), f"enabled: LPIPS-VGG from {vgg_path} + {lin_path}"
-    except (RuntimeError, KeyError, OSError) as e:
-        return None, f"disabled: cannot load LPIPS weights ({type(e).__name__}: {str(e)[:200]})"
-
-
 # ----------------------------------------------------------------------------- the family
-
-
-def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
 
 
 class VQGAN(GANFamily):
     name = "vqgan"
+    Params = VQGANParams
+    supports_truncation = True  # nucleus (top-p) sampling of the prior: psi is the kept probability mass
 
-    def __init__(self, params: TrainParams):
+    def __init__(self, params):
         super().__init__(params)
-        self.p = params.vqgan
         self.grid_hw = params.resolution // 2 ** (len(self.p.ch_mult) - 1)
         self.n_tokens = self.grid_hw**2
-        # one uniform per token (+ one for the class when class-conditional) drives sampling
-        self.latent_dim = self.n_tokens + (1 if self.p.prior_classes else 0)
+        self.latent_dim = self.n_tokens  # one N(0,1) per token, mapped to the uniform that draws it
+        self.num_classes = self.p.prior_classes
         self._lpips: LPIPS | None = None
         self._lpips_loaded = False
+
+    @classmethod
+    def check_params(cls, train, section: VQGANParams) -> None:
+        f = 2 ** (len(section.ch_mult) - 1)
+        if train.resolution // f < 2:
+            raise ValueError(f"train.{cls.name}.ch_mult downsamples by {f}: too much for train.resolution "
+                             f"{train.resolution}")
+        if train.resolution < 3 * 2**section.disc_layers:
+            raise ValueError(f"train.{cls.name}.disc_layers={section.disc_layers} is too deep for {train.resolution}px "
+                             f"images (the PatchGAN needs resolution >= 3 * 2^disc_layers)")
+
+    @classmethod
+    def kimg_overrides(cls, kimg: float) -> dict[str, float]:
+        return {"autoencoder_kimg": kimg, "prior_kimg": kimg}
 
     # --- stages
     def stages(self) -> list[StageSpec]:
         r = self.params.resolution
         return [
             StageSpec(AUTOENCODER, 0, r, self.p.autoencoder_kimg, kind="train"),
-            StageSpec(TOKENS, 1, r, 0.0, kind="tokens"),
+            StageSpec(TOKENS, 1, r, 0.0, kind="tokens", info={"workers": self.p.token_workers}),
             StageSpec(PRIOR, 2, r, self.p.prior_kimg, kind="train", info={"data": "tokens", "grid": self.grid_hw}),
         ]
+
+    def plot_key(self, stage: StageSpec) -> str:
+        return "loss_prior" if stage.name == PRIOR else "loss_rec"
 
     def can_sample(self, stage: StageSpec) -> bool:
         return stage.name == PRIOR
@@ -335,7 +333,7 @@ class VQGAN(GANFamily):
                        p.legacy_beta, p.attention)
 
     def gpt(self):
-        from ganforge.models.prior import GPT
+        from ganforge.models.nn.gpt import GPT
 
         p = self.p
         return GPT(p.n_embed, self.n_tokens, p.n_layer, p.n_head, p.n_embd, max(1, p.prior_classes), p.dropout)
@@ -355,7 +353,7 @@ class VQGAN(GANFamily):
     def optimizers(self, modules):
         p = self.p
         if "GPT" in modules:
-            from ganforge.models.prior import adamw_param_groups
+            from ganforge.models.nn.gpt import adamw_param_groups
 
             return {"GPT": torch.optim.AdamW(adamw_param_groups(modules["GPT"], p.weight_decay), lr=p.prior_lr,
                                              betas=(0.9, 0.95))}
@@ -372,10 +370,10 @@ class VQGAN(GANFamily):
             (log.info if self._lpips is not None else log.warning)("VQ-GAN perceptual loss %s", self._lpips_reason)
         return self._lpips, self._lpips_reason
 
-    def train_step(self, modules, opts, real, labels, stage, ctx: StepContext) -> dict[str, float]:
+    def train_step(self, modules, opts, batch, stage, ctx: StepContext) -> dict[str, float]:
         if stage.name == PRIOR:
-            return self._prior_step(modules, opts, real, labels, stage, ctx)
-        return self._autoencoder_step(modules, opts, real, ctx)
+            return self._prior_step(modules, opts, batch["tokens"], batch.get("label"), stage, ctx)
+        return self._autoencoder_step(modules, opts, batch["image"], ctx)
 
     def _autoencoder_step(self, modules, opts, real, ctx: StepContext) -> dict[str, float]:
         VQ, D, p = modules["VQ"], modules["D"], self.p
@@ -397,7 +395,7 @@ class VQGAN(GANFamily):
         if gan_on:
             with ctx.no_sync(D):  # D's gradients from the generator pass are local and discarded
                 with ctx.autocast():
-                    g_loss = -D(rec).float().mean()
+                    g_loss = losses.g_loss("hinge", D(rec).float())
                 last = inner.last_layer()
                 (g_rec,) = torch.autograd.grad(rec_loss, last, retain_graph=True)
                 (g_gan,) = torch.autograd.grad(g_loss, last, retain_graph=True)
@@ -413,7 +411,7 @@ class VQGAN(GANFamily):
         if gan_on:
             with ctx.autocast():
                 d_real, d_fake = D(real).float(), D(rec.detach()).float()
-            d_loss = hinge_d_loss(d_real, d_fake)
+            d_loss = 0.5 * losses.d_loss("hinge", d_real, d_fake)  # taming's 0.5 factor
             opts["D"].zero_grad(set_to_none=True)
             d_loss.backward()
             opts["D"].step()
@@ -458,7 +456,7 @@ class VQGAN(GANFamily):
         return n
 
     def _prior_step(self, modules, opts, tokens, labels, stage, ctx: StepContext) -> dict[str, float]:
-        from ganforge.models.prior import cosine_lr
+        from ganforge.models.nn.gpt import cosine_lr
 
         p = self.p
         total = max(1, int(math.ceil(stage.kimg * 1000 / self.params.batch_size)))
@@ -486,28 +484,48 @@ class VQGAN(GANFamily):
         return labels.long().to(device)
 
     # --- sampling
+    def can_reconstruct(self, stage: StageSpec) -> bool:
+        return True
+
     def reconstruct(self, ema, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return ema["VQ"](x)[0].float().clamp(-1, 1)
 
     @torch.no_grad()
-    def generate(self, ema, z, stage, labels=None, **_) -> torch.Tensor:
+    def generate(self, ema, z, stage, labels=None, truncation=None, images_in_stage=None) -> torch.Tensor:
         if "GPT" not in ema:
             raise ValueError(f"stage {stage.name} is the autoencoder: it reconstructs but has no sampler; "
                              f"use the {PRIOR} checkpoint")
-        from ganforge.models.prior import sample
+        from ganforge.models.nn.gpt import sample
 
-        u = torch.special.ndtr(z.float())  # N(0,1) latents -> uniforms: one per token (+ class)
-        if self.p.prior_classes and labels is None:
-            labels = (u[:, -1] * self.p.prior_classes).long().clamp(max=self.p.prior_classes - 1)
+        u = torch.special.ndtr(z.float())  # N(0,1) latents -> uniforms: one per token
+        if labels is None and self.num_classes:  # direct calls: classes in turn (sample() passes them)
+            labels = torch.arange(z.shape[0], device=z.device) % self.num_classes
         cond = self._labels(labels, z.shape[0], z.device)
+        top_p = self.p.top_p
+        if truncation is not None and truncation < 1.0:
+            if not truncation > 0:
+                raise ValueError(f"truncation must be in (0, 1], got {truncation}")
+            top_p = truncation if top_p is None else min(top_p, truncation)
         idx = sample(ema["GPT"], cond, (self.grid_hw, self.grid_hw), u[:, : self.n_tokens],
-                     temperature=self.p.temperature, top_k=self.p.top_k, top_p=self.p.top_p)
+                     temperature=self.p.temperature, top_k=self.p.top_k, top_p=top_p)
         return ema["VQ"].decode_codes(idx).float().clamp(-1, 1)
 
-    def grid(self, ema, stage, z, real_fn, images_in_stage=None) -> torch.Tensor:
+    def extra_scores(self, ema, stage, images) -> dict[str, float]:
+        """Codebook use of the reference split (how much of the codebook the autoencoder really uses)."""
+        if "VQ" not in ema:
+            return {}
+        codes = []
+        with torch.inference_mode():
+            for x in images():
+                codes.append(ema["VQ"].encode_codes(x))
+        st = codebook_stats(torch.cat(codes), ema["VQ"].quantize.n_embed)
+        return {"codebook_usage": st["codebook_usage"], "codebook_perplexity": st["perplexity"],
+                "codebook_size": float(ema["VQ"].quantize.n_embed)}
+
+    def grid(self, ema, stage, seeds, real_fn, images_in_stage=None) -> torch.Tensor:
         if stage.name == PRIOR:
-            return self.generate(ema, z, stage)
+            return super().grid(ema, stage, seeds, real_fn, images_in_stage)
         real = real_fn()
         rec = self.reconstruct(ema, real)
         n = self.params.grid_size

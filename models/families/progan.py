@@ -16,9 +16,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganforge.models.base import GANFamily, StageSpec, StepContext
-from ganforge.models.layers import SQRT2, EqualizedConv2d, EqualizedLinear, MinibatchStd, PixelNorm
-from ganforge.tasks.params import TrainParams
+from typing import Literal
+
+from pydantic import Field
+
+from ganforge.models import losses, regularizers
+from ganforge.models.family import Betas, GANFamily, Pow2, Section, StageSpec, StepContext
+from ganforge.models.nn.equalized import SQRT2, EqualizedConv2d, EqualizedLinear, MinibatchStd, PixelNorm
+
+
+class ProGANParams(Section):
+    """ProGAN: progressive stages start_resolution -> train.resolution, each with fade-in."""
+
+    start_resolution: Pow2 = Field(4, ge=4, description="first stage's resolution (power of two)")
+    latent_dim: int = Field(128, ge=1)
+    fmap_base: int = Field(2048, ge=8, description="channels at 4x4 before the cap; halves per doubling")
+    fmap_max: int = Field(128, ge=4, description="channel cap (512 in the paper; small for laptops)")
+    fmap_min: int = Field(16, ge=1)
+    transition_kimg: float = Field(4.0, ge=0, description="thousands of images over which alpha rises 0->1")
+    stabilize_kimg: float = Field(4.0, gt=0, description="thousands of images at alpha=1 after the transition")
+    loss: Literal["wgan-gp", "logistic-r1"] = Field(
+        "wgan-gp", description="wgan-gp: Wasserstein + gradient penalty + drift; logistic-r1: non-saturating + R1")
+    lr: float = Field(1e-3, gt=0)
+    betas: Betas = (0.0, 0.99)
+    gp_lambda: float = Field(10.0, ge=0)
+    drift: float = Field(0.001, ge=0, description="epsilon-drift penalty on D(real)^2")
+    r1_gamma: float = Field(10.0, ge=0)
+    minibatch_std_group: int = Field(4, ge=1)
 
 
 def _act(x: torch.Tensor) -> torch.Tensor:
@@ -126,13 +150,24 @@ def fade_reals(real: torch.Tensor, alpha: float) -> torch.Tensor:
 
 class ProGAN(GANFamily):
     name = "progan"
+    Params = ProGANParams
     ema_modules = ("G",)
 
-    def __init__(self, params: TrainParams):
+    def __init__(self, params):
         super().__init__(params)
-        self.p = params.progan
         self.latent_dim = self.p.latent_dim
         self.nf = channel_schedule(self.p.fmap_base, self.p.fmap_max, self.p.fmap_min)
+
+    @classmethod
+    def check_params(cls, train, section: ProGANParams) -> None:
+        if section.start_resolution > train.resolution:
+            raise ValueError(f"train.{cls.name}.start_resolution ({section.start_resolution}) exceeds "
+                             f"train.resolution ({train.resolution})")
+
+    @classmethod
+    def kimg_overrides(cls, kimg: float) -> dict[str, float]:
+        # the first stage only stabilises; later ones split K into transition + stabilisation
+        return {"transition_kimg": kimg / 2, "stabilize_kimg": kimg / 2}
 
     def stages(self) -> list[StageSpec]:
         out = []
@@ -170,10 +205,12 @@ class ProGAN(GANFamily):
             for name in ("G", "D")
         }
 
-    def train_step(self, modules, opts, real, labels, stage, ctx: StepContext) -> dict[str, float]:
+    def train_step(self, modules, opts, batch, stage, ctx: StepContext) -> dict[str, float]:
         G, D = modules["G"], modules["D"]
         p, dev, gen = self.p, ctx.device, ctx.generator
+        adv = "wasserstein" if p.loss == "wgan-gp" else "non-saturating"
         alpha = self.alpha(stage, ctx.images_in_stage)
+        real = batch["image"]
         n = real.shape[0]
         real = fade_reals(real, alpha)
         metrics: dict[str, float] = {"alpha": alpha}
@@ -188,21 +225,17 @@ class ProGAN(GANFamily):
                 d_real = D(real, alpha).float()
                 d_fake = D(fake, alpha).float()
             eps = torch.rand(n, 1, 1, 1, generator=gen).to(dev)
-            x_hat = torch.lerp(real, fake, eps).requires_grad_(True)
-            with ctx.autocast():
-                d_hat = D(x_hat, alpha).float()
-            (grad,) = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
-            penalty = (grad.flatten(1).norm(2, dim=1) - 1.0).pow(2).mean()
-            d_loss = d_fake.mean() - d_real.mean() + p.gp_lambda * penalty + p.drift * d_real.pow(2).mean()
+            penalty = regularizers.gradient_penalty(lambda x: D(x, alpha), real, fake, eps, ctx.autocast)
+            d_loss = (losses.d_loss(adv, d_real, d_fake) + p.gp_lambda * penalty
+                      + p.drift * regularizers.drift_penalty(d_real))
             metrics["wasserstein"] = float((d_real.mean() - d_fake.mean()).detach())
         else:
             real = real.detach().requires_grad_(True)
             with ctx.autocast():
                 d_real = D(real, alpha).float()
                 d_fake = D(fake, alpha).float()
-            (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
-            penalty = grad.flatten(1).pow(2).sum(1).mean()
-            d_loss = F.softplus(d_fake).mean() + F.softplus(-d_real).mean() + 0.5 * p.r1_gamma * penalty
+            penalty = regularizers.r1_penalty(d_real, real)
+            d_loss = losses.d_loss(adv, d_real, d_fake) + 0.5 * p.r1_gamma * penalty
         opts["D"].zero_grad(set_to_none=True)
         d_loss.backward()
         opts["D"].step()
@@ -212,7 +245,7 @@ class ProGAN(GANFamily):
         with ctx.no_sync(D):
             with ctx.autocast():
                 d_gen = D(G(z, alpha), alpha).float()
-            g_loss = -d_gen.mean() if p.loss == "wgan-gp" else F.softplus(-d_gen).mean()
+            g_loss = losses.g_loss(adv, d_gen)
             opts["G"].zero_grad(set_to_none=True)
             g_loss.backward()
         opts["G"].step()
@@ -224,6 +257,6 @@ class ProGAN(GANFamily):
         return metrics
 
     @torch.no_grad()
-    def generate(self, ema, z, stage, labels=None, images_in_stage: int | None = None) -> torch.Tensor:
+    def generate(self, ema, z, stage, labels=None, truncation=None, images_in_stage: int | None = None) -> torch.Tensor:
         alpha = 1.0 if images_in_stage is None else self.alpha(stage, images_in_stage)
         return ema["G"](z, alpha).float().clamp(-1, 1)

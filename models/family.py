@@ -1,0 +1,223 @@
+"""The interface every GAN family implements, and the registry that finds families by name.
+
+A family declares its params section (a pydantic model, ``Params``), its stages
+and, per stage, builds its modules, optimizers and one training step. The Ray
+Train loop, checkpointing, EMA, data, logging, evaluation and the registry live
+in ``ganforge.tasks`` and do not know which family runs.
+
+Families register themselves (``ganforge.models.families``: the registry): every
+built-in module there is scanned for :class:`GANFamily` subclasses with a ``name``,
+and every entry point of the ``ganforge.families`` group
+(``name = "package.module:Class"``) adds one from a user's own package, with no
+edit to ganforge.
+
+This module is the bottom of the family layer: it imports nothing from
+``ganforge.tasks`` or ``ganforge.flows``.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict
+from torch import nn
+
+log = logging.getLogger("ganforge.family")
+
+Batch = Mapping[str, torch.Tensor]  # "image" [-1,1] NCHW, "label" (-1: unlabelled); token stages: "tokens"
+
+
+# ----------------------------------------------------------------------------- params sections
+
+
+class Section(BaseModel):
+    """A params section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def _check_betas(v: tuple[float, float]) -> tuple[float, float]:
+    if not all(0.0 <= b < 1.0 for b in v):
+        raise ValueError(f"both betas must be in [0, 1), got {v}")
+    return v
+
+
+def _check_pow2(v: int) -> int:
+    if not is_pow2(v):
+        raise ValueError(f"must be a power of two (4, 8, 16, 32, ...), got {v}")
+    return v
+
+
+Betas = Annotated[tuple[float, float], AfterValidator(_check_betas)]  # Adam's (beta1, beta2)
+Pow2 = Annotated[int, AfterValidator(_check_pow2)]
+
+
+# ----------------------------------------------------------------------------- stages and steps
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # unique, sortable, no dots: e.g. "progan-r016"
+    index: int
+    resolution: int  # resolution of the real images this stage reads
+    kimg: float  # thousands of real images shown in this stage
+    info: dict[str, Any] = field(default_factory=dict)  # family-specific (e.g. transition_kimg)
+    # "train": one Ray Train job of the shared loop; "tokens": encodes the data for the next stage
+    # (tasks/tokens.py). A train stage whose info["data"] == "tokens" reads that stage's shards.
+    kind: str = "train"
+
+
+@dataclass
+class StepContext:
+    """What a family's train_step may use besides its modules and the batch."""
+
+    step: int  # optimizer steps taken in this stage before this one
+    images_in_stage: int  # real images shown in this stage before this batch (global, all ranks)
+    generator: torch.Generator  # all randomness of the step comes from here (resume-exact)
+    device: torch.device
+    autocast: Callable[[], AbstractContextManager]  # mixed precision context (no-op on CPU)
+    no_sync: Callable[[nn.Module], AbstractContextManager]  # skip DDP gradient sync for a module
+    # a fresh batch from the same stream (n_critic / several D steps per G step); resume-exact
+    next_batch: Callable[[], Batch] = lambda: (_ for _ in ()).throw(RuntimeError("no stream"))  # noqa: E731
+
+
+class GANFamily(ABC):
+    """One family of generative models. Subclasses set ``name`` and ``Params`` and implement the rest."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[Section]] = Section  # this family's params section: train.<name>
+    ema_modules: tuple[str, ...] = ("G",)  # modules whose EMA copy is kept (samples + evaluation)
+    latent_dim: int = 0
+    num_classes: int = 0  # > 0: class-conditional; samples carry labels 0..num_classes-1
+    supports_truncation: bool = False
+    # which score the promotion gate compares by default (a registered metric name)
+    gate_metric: ClassVar[str] = "fid"
+
+    def __init__(self, params: Any):
+        """``params``: the validated ``train`` section (its ``<name>`` field is this family's section)."""
+        self.params = params
+        self.p = getattr(params, self.name)
+
+    # --- params
+    @classmethod
+    def check_params(cls, train: Any, section: Section) -> None:
+        """Cross-checks between the train section and this family's section; raise ValueError to refuse."""
+
+    @classmethod
+    def kimg_overrides(cls, kimg: float) -> dict[str, float]:
+        """Keys of this section that ``--kimg-per-stage K`` sets (thousands of images per stage)."""
+        return {}
+
+    # --- stages and modules
+    @abstractmethod
+    def stages(self) -> list[StageSpec]: ...
+
+    @abstractmethod
+    def build(self, stage: StageSpec) -> dict[str, nn.Module]: ...
+
+    @abstractmethod
+    def optimizers(self, modules: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]: ...
+
+    def grow(self, modules: dict[str, nn.Module], previous: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Start a stage from the previous stage's weights (new parts keep their init)."""
+        for name, sd in previous.items():
+            if name in modules:
+                missing, unexpected = modules[name].load_state_dict(sd, strict=False)
+                if unexpected:
+                    raise ValueError(f"{name}: previous stage has weights this stage lacks: {unexpected[:5]}")
+
+    # --- state outside the modules (path-length mean, ADA p, image pools, schedulers), checkpointed
+    def state_dict(self) -> dict[str, Any]:
+        """Family state that is not in a module or optimizer; saved in every checkpoint (tensors, numbers)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned: on resume, and when a stage starts from the previous stage's
+        checkpoint (override to reset what must not carry over)."""
+
+    @abstractmethod
+    def train_step(self, modules: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], batch: Batch,
+                   stage: StageSpec, ctx: StepContext) -> dict[str, float]: ...
+
+    # --- sampling: one contract, seed -> latent in one place
+    def latent(self, seed: int) -> torch.Tensor:
+        """The latent of one sample: N(0, I) from its own seed (independent of batch and worker)."""
+        return torch.randn(self.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+
+    def label_for(self, seed: int) -> int | None:
+        """The class of the sample of ``seed`` when no label is given (uniform over classes, balanced)."""
+        return int(seed) % self.num_classes if self.num_classes else None
+
+    def sample(self, ema: dict[str, nn.Module], stage: StageSpec, seeds: Sequence[int],
+               labels: Sequence[int] | None = None, truncation: float | None = None,
+               images_in_stage: int | None = None) -> torch.Tensor:
+        """Images in [-1, 1], one per seed: the contract the grids, the evaluation and the pyfunc all use."""
+        if truncation is not None and truncation != 1.0 and not self.supports_truncation:
+            raise ValueError(f"family {self.name} has no truncation trick (got truncation={truncation})")
+        dev = next((p.device for m in ema.values() for p in m.parameters()), torch.device("cpu"))
+        z = torch.stack([self.latent(s) for s in seeds]).to(dev)
+        lab = None
+        if self.num_classes:
+            raw = list(labels) if labels is not None else [self.label_for(s) for s in seeds]
+            bad = [v for v in raw if not 0 <= int(v) < self.num_classes]
+            if bad:
+                raise ValueError(f"labels must be in [0, {self.num_classes}), got {bad[:5]}")
+            lab = torch.tensor([int(v) for v in raw], dtype=torch.long, device=dev)
+        return self.generate(ema, z, stage, labels=lab, truncation=truncation, images_in_stage=images_in_stage)
+
+    @abstractmethod
+    def generate(self, ema: dict[str, nn.Module], z: torch.Tensor, stage: StageSpec, labels: torch.Tensor | None = None,
+                 truncation: float | None = None, images_in_stage: int | None = None) -> torch.Tensor:
+        """Images in [-1, 1] from latents (and labels), with the EMA modules at the end of ``stage``."""
+
+    def can_sample(self, stage: StageSpec) -> bool:
+        """Whether ``sample`` works with this stage's modules (an autoencoder stage only reconstructs)."""
+        return True
+
+    def plot_key(self, stage: StageSpec) -> str:
+        """The history column DVC plots for ``stage`` (x = kimg); every numeric column is in the CSV."""
+        return "loss_g"
+
+    def can_reconstruct(self, stage: StageSpec) -> bool:
+        """Whether ``reconstruct`` works (autoencoders): evaluation then adds reconstruction FID (rfid)."""
+        return False
+
+    def reconstruct(self, ema: dict[str, nn.Module], x: torch.Tensor) -> torch.Tensor:
+        """Reconstructions in [-1, 1] of model inputs ``x``."""
+        raise NotImplementedError(f"family {self.name} does not reconstruct")
+
+    def ema_names(self, stage: StageSpec) -> tuple[str, ...]:
+        """Modules whose EMA copy the loop keeps in ``stage`` (used for samples, evaluation, export)."""
+        return self.ema_modules
+
+    def use_ema(self, stage: StageSpec) -> bool:
+        """False: the 'EMA' copies just follow the trained weights."""
+        return True
+
+    def notes(self, stage: StageSpec) -> dict[str, str]:
+        """Facts about how ``stage`` trains that users must see (logged, and tagged on the MLflow run)."""
+        return {}
+
+    def grid(self, ema: dict[str, nn.Module], stage: StageSpec, seeds: Sequence[int],
+             real_fn: Callable[[], torch.Tensor], images_in_stage: int | None = None) -> torch.Tensor:
+        """The checkpoint's sample grid (grid_size x grid_size): one row per class for conditional families;
+        ``real_fn()`` gives fixed real images (for reconstructions)."""
+        labels = None
+        if self.num_classes:
+            n = self.params.grid_size
+            labels = [(i // n) % self.num_classes for i in range(len(seeds))]
+        return self.sample(ema, stage, seeds, labels=labels, images_in_stage=images_in_stage)
+
+    def extra_scores(self, ema: dict[str, nn.Module], stage: StageSpec, images: Callable[[], Any]) -> dict[str, float]:
+        """Family-specific evaluation numbers (codebook usage, ...); ``images()`` iterates the reference split
+        as model inputs (float NCHW in [-1, 1] at the stage's resolution)."""
+        return {}

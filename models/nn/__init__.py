@@ -1,0 +1,1 @@
+"""Building blocks shared by families: equalized layers, PatchGAN, LPIPS, the GPT prior."""

@@ -1,0 +1,196 @@
+"""Image sets that metrics read in slices: shard splits, folders, .npy arrays, a checkpoint's samples and its
+reconstructions; Ray-parallel feature extraction; the cached reference statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from ganforge.tasks.checkpoint import load_generator
+from ganforge.tasks.data import iter_split, split_count, to_model_input
+from ganforge.tasks.metrics import FEATURE_DIM, FeatureExtractor, feature_stats, frechet_distance, quantize
+from ganforge.tasks.params import RuntimeParams
+from ganforge.tasks.runtime import init_ray
+
+log = logging.getLogger("ganforge.metrics")
+
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A set of uint8 images that can be read in slices: shards (a split), a folder, a .npy, or a generator."""
+
+    kind: str  # "shards" | "folder" | "npy" | "generator" | "reconstructions" (of ``source``'s split by ``path``)
+    path: str
+    split: str = "val"
+    count: int = 0
+    seed: int = 0
+    source: str = ""
+
+    def describe(self) -> dict:
+        d = {"kind": self.kind, "path": self.path, "count": self.count}
+        if self.kind == "shards":
+            d["split"] = self.split
+        if self.kind == "generator":
+            d["seed"] = self.seed
+        if self.kind == "reconstructions":
+            d.update(source=self.source, split=self.split)
+        return d
+
+
+def image_set(spec: str, split: str = "val") -> ImageSet:
+    """``DIR`` (shards with manifest.json, or an image folder), ``DIR:split``, or ``FILE.npy``."""
+    from ganforge.tasks.storage import exists, is_remote, join
+
+    if is_remote(spec):  # shards by URL: s3://bucket/prefix or s3://bucket/prefix:split
+        base, _, sp = spec.rpartition(":") if spec.count(":") > 1 else (spec, "", split)
+        if not exists(join(base, "manifest.json")):
+            raise FileNotFoundError(f"{spec}: no manifest.json there (remote image sets must be shard folders)")
+        return ImageSet("shards", base, split=sp, count=split_count(base, sp))
+    p = Path(spec)
+    if spec.endswith(".npy"):
+        if not p.exists():
+            raise FileNotFoundError(f"{spec} not found")
+        arr = np.load(p, mmap_mode="r")
+        if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] not in (1, 3)):
+            raise ValueError(f"{spec}: expected a uint8 array NxHxW or NxHxWx3, got {arr.dtype} {arr.shape}")
+        return ImageSet("npy", str(p), count=len(arr))
+    if not p.exists() and ":" in spec:
+        base, split = spec.rsplit(":", 1)
+        p = Path(base)
+    if (p / "manifest.json").exists():
+        return ImageSet("shards", str(p), split=split, count=split_count(p, split))
+    if p.is_dir():
+        from ganforge.tasks.sources import IMAGE_EXTENSIONS
+
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"{spec}: no images found")
+        return ImageSet("folder", str(p), count=len(files))
+    raise FileNotFoundError(f"{spec}: not a shard folder, an image folder or a .npy file")
+
+
+def _read_slice(s: ImageSet, start: int, stop: int, batch: int) -> Iterator[np.ndarray]:
+    if s.kind == "shards":
+        for imgs, _ in iter_split(s.path, s.split, batch, start=start, stop=stop):
+            yield imgs
+    elif s.kind == "npy":
+        arr = np.load(s.path, mmap_mode="r")
+        for i in range(start, stop, batch):
+            a = np.asarray(arr[i : min(i + batch, stop)])
+            if a.ndim == 3:
+                a = a[..., None]
+            yield np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
+    elif s.kind == "folder":
+        from ganforge.tasks.sources import IMAGE_EXTENSIONS, to_rgb
+
+        files = sorted(str(f) for f in Path(s.path).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)[start:stop]
+        for f in files:  # sizes may differ: one image at a time
+            yield np.asarray(to_rgb(Image.open(f)))[None]
+    elif s.kind == "generator":
+        family, stage, ema, _ = load_generator(s.path)
+        for i in range(start, stop, batch):
+            # one seed (and so one latent and, for conditional families, one class) per global sample index:
+            # independent of batch size and worker count
+            seeds = [s.seed * 1_000_003 + j for j in range(i, min(i + batch, stop))]
+            yield quantize(family.sample(ema, stage, seeds)).numpy()
+    elif s.kind == "reconstructions":
+        family, stage, ema, _ = load_generator(s.path)
+        for imgs, _ in iter_split(s.source, s.split, batch, start=start, stop=stop):
+            yield quantize(family.reconstruct(ema, to_model_input(imgs, stage.resolution))).numpy()
+    else:
+        raise ValueError(f"unknown image set kind {s.kind}")
+
+
+def _features_of_slice(s: ImageSet, start: int, stop: int, protocol: str, batch: int) -> np.ndarray:
+    ex = FeatureExtractor(protocol, batch)
+    feats = [ex(imgs) for imgs in _read_slice(s, start, stop, batch)]
+    return np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM), np.float32)
+
+
+def extract_features(s: ImageSet, protocol: str = "tf1", *, workers: int = 1, batch_size: int = 50,
+                     progress: bool = True, runtime: RuntimeParams | None = None) -> np.ndarray:
+    """Features of every image of ``s`` in order; slices run as Ray tasks when workers > 1 (on the Ray that
+    ``runtime`` names, when this process has not started one)."""
+    n = s.count
+    if n == 0:
+        raise ValueError(f"image set {s.path} is empty")
+    workers = max(1, min(workers, n))
+    bounds = np.linspace(0, n, workers + 1).astype(int)
+    parts = list(zip(bounds[:-1], bounds[1:]))
+    log.info("extracting %s features of %d images (%s) on %d worker(s)", protocol, n, s.kind, workers)
+    if workers == 1:
+        return _features_of_slice(s, 0, n, protocol, batch_size)
+    import ray
+
+    if not ray.is_initialized():
+        init_ray(runtime or RuntimeParams())
+    remote = ray.remote(num_cpus=1)(_features_of_slice)
+    refs = [remote.remote(s, int(a), int(b), protocol, batch_size) for a, b in parts]
+    from tqdm import tqdm
+
+    done = {}
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=f"features {s.kind}", unit="part", disable=not progress) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for r in ready:
+                done[r] = ray.get(r)
+                bar.update(1)
+    return np.concatenate([done[r] for r in refs])
+
+
+# ----------------------------------------------------------------------------- reference cache
+
+
+def _atomic_save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def reference_features(shards: str | Path, split: str, protocol: str, cache_dir: str | Path, *, workers: int = 1,
+                       batch_size: int = 50, progress: bool = True, runtime: RuntimeParams | None = None
+                       ) -> dict[str, Any]:
+    """Features + float64 stats of a shard split, cached on (manifest hash, split, resolution, protocol, count)."""
+    from ganforge.tasks.shard import manifest_hash, read_manifest
+
+    s = image_set(str(shards), split)
+    m = read_manifest(shards)
+    key_src = {"manifest_sha256": manifest_hash(shards), "split": split, "resolution": m["resolution"],
+               "protocol": protocol, "count": s.count, "weights": "inception-2015-12-05/default_1.pt"}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:32]
+    path = Path(cache_dir) / f"ref-{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                out = {k: z[k] for k in ("features", "mu", "sigma")}
+            log.info("reference statistics: cache hit %s", path)
+            return {**out, "count": s.count, "cache": "hit", "cache_path": str(path), "key": key_src}
+        except (OSError, ValueError, KeyError) as e:  # a damaged cache entry is recomputed, not trusted
+            log.warning("reference cache %s unreadable (%s); recomputing", path, e)
+    feats = extract_features(s, protocol, workers=workers, batch_size=batch_size, progress=progress, runtime=runtime)
+    mu, sigma = feature_stats(feats)
+    _atomic_save_npz(path, features=feats, mu=mu, sigma=sigma, key=json.dumps(key_src))
+    return {"features": feats, "mu": mu, "sigma": sigma, "count": s.count, "cache": "miss", "cache_path": str(path), "key": key_src}
+
+
+def fid_between(a: str, b: str, protocol: str = "tf1", *, workers: int = 1, batch_size: int = 50,
+                split: str = "val", runtime: RuntimeParams | None = None) -> dict[str, Any]:
+    sa, sb = image_set(a, split), image_set(b, split)
+    fa = extract_features(sa, protocol, workers=workers, batch_size=batch_size, runtime=runtime)
+    fb = extract_features(sb, protocol, workers=workers, batch_size=batch_size, runtime=runtime)
+    fid = frechet_distance(*feature_stats(fa), *feature_stats(fb))
+    return {"fid": fid, "protocol": protocol, "a": sa.describe(), "b": sb.describe()}
+
+
