@@ -181,7 +181,7 @@ def cmd_models(args: argparse.Namespace, params: Params) -> str:
 def cmd_sample(args: argparse.Namespace, params: Params) -> dict:
     import torch
 
-    from ganforge.tasks.loop import save_grid
+    from ganforge.tasks.images import save_grid
     from ganforge.tasks.registry import sample_registered, setup_mlflow
 
     setup_mlflow(params.runtime)
@@ -196,11 +196,11 @@ def cmd_pipeline(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.flows.pipeline import train_pipeline
 
     r = train_pipeline(params=params)
+    scores = "\n".join(f"  {k:13}: {v:.5g}" for k, v in r["scores"].items())
     print(
         f"\n== ganforge pipeline done ==\n"
         f"  samples grid : {r['grid']}\n"
-        f"  FID          : {r['fid']:.3f} ({r['protocol']}, {r['num_samples']} samples)\n"
-        f"  KID          : {r['kid']}\n"
+        f"  evaluated on : {r['protocol']}, {r['num_samples']} samples\n{scores}\n"
         f"  model        : {r['model']} version {r['version']} "
         f"({'champion' if r['promoted'] else 'challenger'}: {r['decision']})\n"
         f"  checkpoint   : {r['final_checkpoint']}\n"

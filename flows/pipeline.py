@@ -203,7 +203,8 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     decision = promote_task(params, reg["name"], reg["version"])
     grid = Path(params.train.out) / "eval" / "samples.png"
     result = {
-        "final_checkpoint": prev, **evaluation["scores"], "fid": evaluation.get("fid"), "kid": evaluation.get("kid"),
+        "final_checkpoint": prev, **evaluation["scores"], "scores": evaluation["scores"],
+        "fid": evaluation.get("fid"), "kid": evaluation.get("kid"),
         "protocol": evaluation["protocol"], "num_samples": evaluation["num_samples"],
         "model": reg["name"], "version": reg["version"], "promoted": decision.get("promoted"),
         "decision": decision.get("reason"), "grid": str(grid.resolve()), "mlflow_run_id": run_id,

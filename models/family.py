@@ -99,8 +99,9 @@ class GANFamily(ABC):
     latent_dim: int = 0
     num_classes: int = 0  # > 0: class-conditional; samples carry labels 0..num_classes-1
     supports_truncation: bool = False
-    # which score the promotion gate compares by default (a registered metric name)
-    gate_metric: ClassVar[str] = "fid"
+    # what the registry registers: "generator" (seeds -> images), "translator" (images -> images, e.g. CycleGAN)
+    # or "classifier" (images -> class probabilities, e.g. the semi-supervised GAN's discriminator)
+    product: ClassVar[str] = "generator"
 
     def __init__(self, params: Any):
         """``params``: the validated ``train`` section (its ``<name>`` field is this family's section)."""
@@ -210,14 +211,29 @@ class GANFamily(ABC):
     def grid(self, ema: dict[str, nn.Module], stage: StageSpec, seeds: Sequence[int],
              real_fn: Callable[[], torch.Tensor], images_in_stage: int | None = None) -> torch.Tensor:
         """The checkpoint's sample grid (grid_size x grid_size): one row per class for conditional families;
-        ``real_fn()`` gives fixed real images (for reconstructions)."""
+        ``real_fn()`` gives fixed real images (for reconstructions; shown as they are by a family that cannot
+        sample, such as a classifier)."""
+        if not self.can_sample(stage):
+            return real_fn() if self.product != "translator" else self.translate(ema, stage, real_fn())
         labels = None
         if self.num_classes:
             n = self.params.grid_size
             labels = [(i // n) % self.num_classes for i in range(len(seeds))]
         return self.sample(ema, stage, seeds, labels=labels, images_in_stage=images_in_stage)
 
-    def extra_scores(self, ema: dict[str, nn.Module], stage: StageSpec, images: Callable[[], Any]) -> dict[str, float]:
-        """Family-specific evaluation numbers (codebook usage, ...); ``images()`` iterates the reference split
-        as model inputs (float NCHW in [-1, 1] at the stage's resolution)."""
+    def extra_scores(self, ema: dict[str, nn.Module], stage: StageSpec, batches: Callable[[], Any]) -> dict[str, float]:
+        """Family-specific evaluation numbers (codebook usage, a classifier's accuracy, ...); ``batches()``
+        iterates the reference split as mappings {"image": float NCHW in [-1, 1] at the stage's resolution,
+        "label": int64 (-1: unlabelled)}. Declare each number's direction in ``score_directions``."""
         return {}
+
+    score_directions: ClassVar[dict[str, str]] = {}  # extra score -> "lower" / "higher" is better
+
+    # --- the other products
+    def translate(self, ema: dict[str, nn.Module], stage: StageSpec, images: torch.Tensor) -> torch.Tensor:
+        """product == "translator": images in [-1, 1] (NCHW) -> translated images in [-1, 1]."""
+        raise NotImplementedError(f"family {self.name} does not translate images")
+
+    def classify(self, ema: dict[str, nn.Module], stage: StageSpec, images: torch.Tensor) -> torch.Tensor:
+        """product == "classifier": images in [-1, 1] (NCHW) -> class probabilities [N, num_classes]."""
+        raise NotImplementedError(f"family {self.name} does not classify images")

@@ -5,9 +5,12 @@ family state, resolved params; loaded with ``weights_only=True``: data, never co
 from __future__ import annotations
 
 import contextlib
+import json
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ganforge.models.family import GANFamily, StageSpec
@@ -35,6 +38,52 @@ def checkpoint_dir(ckpt: Any):
             ckpt = ray.train.Checkpoint(path, filesystem=fs)
         with ckpt.as_directory() as d:
             yield Path(d)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def rng_state() -> dict:
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(np.random.get_state()[1].tolist()),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": json.dumps(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(("MT19937", np.array(json.loads(st["numpy"]), dtype=np.uint32), st["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(json.loads(st["python"])), None))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def restore_rng(ckpt_dir: str | Path, rank: int) -> None:
+    """Continue this rank's global RNG streams where the checkpoint left them (when it has them)."""
+    path = Path(ckpt_dir) / f"rng-{rank}.pt"
+    if path.exists():
+        set_rng_state(torch.load(path, weights_only=True))
+
+
+def write_checkpoint(folder: str | Path, rank: int, state: dict | None, metrics: dict) -> None:
+    """Write one rank's part of a checkpoint into ``folder``: its RNG state, and on rank 0 (``state`` given) the
+    complete state (weights, EMA, optimizers, counters, family state, resolved params) and ``meta.json``, the
+    human-readable summary, written last."""
+    folder = Path(folder)
+    torch.save(rng_state(), folder / f"rng-{rank}.pt")
+    if state is None:
+        return
+    torch.save(state, folder / STATE)
+    meta = {k: v for k, v in state.items() if k not in ("modules", "ema", "optimizers", "params", "family_state")}
+    (folder / META).write_text(json.dumps({**meta, "metrics": metrics}, indent=2))
+
+
+# ----------------------------------------------------------------------------- reading
 
 
 def load_state(ckpt_dir: str | Path) -> dict:

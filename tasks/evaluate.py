@@ -23,15 +23,19 @@ from ganforge.tasks.shard import manifest_hash
 
 log = logging.getLogger("ganforge.evaluate")
 
-# directions of the numbers that are not sample metrics
-EXTRA_DIRECTIONS = {"rfid": "lower", "codebook_usage": "higher", "codebook_perplexity": "higher"}
-
-
 def direction(name: str) -> str | None:
-    """Which way a score improves ("lower"/"higher"), or None when nobody declared it."""
+    """Which way a score improves ("lower"/"higher"): a registered metric's, rfid's, or one a family declares
+    for its own scores; None when nobody declared it."""
+    from ganforge.models.families import family_classes
+
     if name in METRICS:
         return METRICS[name].direction
-    return EXTRA_DIRECTIONS.get(name)
+    if name == "rfid":
+        return "lower"
+    for cls in family_classes().values():
+        if name in cls.score_directions:
+            return cls.score_directions[name]
+    return None
 
 
 def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | Path | None = None,
@@ -51,7 +55,9 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
     family, stage, ema, _ = load_generator(checkpoint)
     result["family"], result["stage"] = family.name, stage.name
     scores: dict[str, float | None] = {}
-    shown = gen = ImageSet("generator", str(checkpoint), count=ev.num_samples, seed=ev.seed)
+    gen = ImageSet("generator", str(checkpoint), count=ev.num_samples, seed=ev.seed)
+    # what samples.png shows: samples, or (below) reconstructions / translations, or the reference images
+    shown = ImageSet("shards", str(shards), split=ev.split, count=int(ref["count"]))
     if family.can_reconstruct(stage):
         # autoencoder quality: reconstructions of the reference split vs that split
         rec = ImageSet("reconstructions", str(checkpoint), split=ev.split, count=int(ref["count"]), source=str(shards))
@@ -60,6 +66,8 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
         scores["rfid"] = frechet_distance(ref["mu"], ref["sigma"], *feature_stats(rfeat))
         shown = rec
     scores.update(family.extra_scores(ema, stage, lambda: _model_inputs(shards, ev, stage.resolution)))
+    if family.product == "translator":
+        shown = ImageSet("translations", str(checkpoint), split=ev.split, count=int(ref["count"]), source=str(shards))
     if not family.can_sample(stage):
         result["sampling_unavailable"] = f"stage {stage.name} has no sampler: FID/KID/IS of samples are not computed"
         log.warning("%s", result["sampling_unavailable"])
@@ -84,12 +92,12 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
 def _model_inputs(shards, ev: EvalParams, resolution: int):
     from ganforge.tasks.data import iter_split, to_model_input
 
-    for imgs, _ in iter_split(shards, ev.split, ev.batch_size):
-        yield to_model_input(imgs, resolution)
+    for imgs, labels in iter_split(shards, ev.split, ev.batch_size):
+        yield {"image": to_model_input(imgs, resolution), "label": torch.as_tensor(labels, dtype=torch.long)}
 
 
 def write_outputs(result: dict, shown: ImageSet, out: Path) -> None:
-    from ganforge.tasks.loop import save_grid
+    from ganforge.tasks.images import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
     requested = {m: result.get(m) for m in result["metrics"]}  # null: unavailable (the reason is in evaluation.json)

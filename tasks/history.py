@@ -1,5 +1,7 @@
-"""A run folder's metric history: rank 0 appends one JSON line per report to RUN_DIR/metrics/<stage>.jsonl;
-MLflow, DVC plots and the progress display read it back."""
+"""A run folder's record of a stage: one JSON line per report in RUN_DIR/metrics/<stage>.jsonl and a copy of
+each checkpoint's sample grid in RUN_DIR/samples. Written where the reports arrive (the driver, from a Ray
+Train callback; in-process runs, from the session), so workers on other hosts need no shared folder; MLflow,
+DVC plots and the progress display read it back."""
 
 from __future__ import annotations
 
@@ -16,6 +18,21 @@ def append_history(run_dir: str | Path, stage: str, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def sample_name(stage: str, kimg: float) -> str:
+    return f"{stage}-{kimg:08.3f}kimg.png"
+
+
+def record_report(run_dir: str | Path, stage: str, metrics: dict, grid_png: bytes | None = None) -> None:
+    """Keep one report of ``stage``: its metrics line, and the checkpoint's sample grid when it has one."""
+    append_history(run_dir, stage, metrics)
+    if grid_png is not None:
+        samples = Path(run_dir) / "samples"
+        samples.mkdir(parents=True, exist_ok=True)
+        tmp = samples / f".{sample_name(stage, float(metrics['kimg']))}.tmp"
+        tmp.write_bytes(grid_png)
+        tmp.replace(samples / sample_name(stage, float(metrics["kimg"])))
 
 
 def read_history(run_dir: str | Path, stage: str) -> list[dict]:

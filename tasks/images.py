@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ganforge.tasks.checkpoint import load_generator
@@ -28,7 +29,8 @@ log = logging.getLogger("ganforge.metrics")
 class ImageSet:
     """A set of uint8 images that can be read in slices: shards (a split), a folder, a .npy, or a generator."""
 
-    kind: str  # "shards" | "folder" | "npy" | "generator" | "reconstructions" (of ``source``'s split by ``path``)
+    kind: str  # "shards" | "folder" | "npy" | "generator" | "reconstructions" / "translations" (of ``source``'s
+    #            split by the checkpoint ``path``)
     path: str
     split: str = "val"
     count: int = 0
@@ -41,7 +43,7 @@ class ImageSet:
             d["split"] = self.split
         if self.kind == "generator":
             d["seed"] = self.seed
-        if self.kind == "reconstructions":
+        if self.kind in ("reconstructions", "translations"):
             d.update(source=self.source, split=self.split)
         return d
 
@@ -102,12 +104,24 @@ def _read_slice(s: ImageSet, start: int, stop: int, batch: int) -> Iterator[np.n
             # independent of batch size and worker count
             seeds = [s.seed * 1_000_003 + j for j in range(i, min(i + batch, stop))]
             yield quantize(family.sample(ema, stage, seeds)).numpy()
-    elif s.kind == "reconstructions":
+    elif s.kind in ("reconstructions", "translations"):
         family, stage, ema, _ = load_generator(s.path)
+        fn = family.reconstruct if s.kind == "reconstructions" else (lambda e, x: family.translate(e, stage, x))
         for imgs, _ in iter_split(s.source, s.split, batch, start=start, stop=stop):
-            yield quantize(family.reconstruct(ema, to_model_input(imgs, stage.resolution))).numpy()
+            with torch.inference_mode():
+                yield quantize(fn(ema, to_model_input(imgs, stage.resolution))).numpy()
     else:
         raise ValueError(f"unknown image set kind {s.kind}")
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, min_size: int = 32) -> None:
+    """Images in [-1,1] -> a PNG grid; tiny images are enlarged (nearest) so they can be seen."""
+    from torchvision.utils import save_image
+
+    if images.shape[-1] < min_size:
+        images = torch.nn.functional.interpolate(images, scale_factor=min_size // images.shape[-1], mode="nearest")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.add(1).div(2).clamp(0, 1), str(path), nrow=nrow, padding=1)
 
 
 def _features_of_slice(s: ImageSet, start: int, stop: int, protocol: str, batch: int) -> np.ndarray:

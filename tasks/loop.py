@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from ganforge.models.family import GANFamily, StageSpec, StepContext
 from ganforge.models.families import get_family
-from ganforge.tasks.checkpoint import GRID, META, STATE, checkpoint_dir, load_state
+from ganforge.tasks.checkpoint import GRID, checkpoint_dir, load_state, restore_rng, write_checkpoint
 from ganforge.tasks.data import TokenStream, TrainStream, iter_split, to_model_input, train_loader
-from ganforge.tasks.history import append_history
+from ganforge.tasks.history import record_report
+from ganforge.tasks.images import save_grid
 from ganforge.tasks.params import TrainParams
 
 log = logging.getLogger("ganforge.train")
@@ -43,7 +41,8 @@ log = logging.getLogger("ganforge.train")
 
 
 class LocalSession:
-    """Single-process session: checkpoints go to ``ckpt_root/<dir_name>``."""
+    """Single-process session: checkpoints go to ``ckpt_root/<dir_name>``; reports are recorded in the run
+    folder here (under Ray, the driver records them from a Ray Train callback)."""
 
     rank, world_size = 0, 1
 
@@ -53,6 +52,11 @@ class LocalSession:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.reports: list[dict] = []
         self.checkpoints: list[str] = []
+        self.run_dir: Path | None = None
+        self.stage = ""
+
+    def attach(self, run_dir: Path | None, stage: str) -> None:
+        self.run_dir, self.stage = run_dir, stage
 
     def get_checkpoint(self) -> str | None:
         return self.resume_from
@@ -62,6 +66,9 @@ class LocalSession:
 
     def report(self, metrics: dict, ckpt_dir: str | None = None, name: str | None = None) -> None:
         self.reports.append(dict(metrics))
+        if self.run_dir is not None:
+            grid = Path(ckpt_dir, GRID) if ckpt_dir is not None else None
+            record_report(self.run_dir, self.stage, metrics, grid.read_bytes() if grid and grid.exists() else None)
         if ckpt_dir is not None:
             dst = self.ckpt_root / name
             if dst.exists():
@@ -86,6 +93,9 @@ class RaySession:
 
         return ray.train.get_checkpoint()
 
+    def attach(self, run_dir: Path | None, stage: str) -> None:
+        """Nothing: the driver records the reports (tasks/train.py's ReportForwarder)."""
+
     def prepare(self, module: nn.Module) -> nn.Module:
         import ray.train.torch
 
@@ -105,38 +115,8 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return m.module if hasattr(m, "module") else m
 
 
-def _rng_state() -> dict:
-    st = {
-        "torch": torch.get_rng_state(),
-        "numpy": json.dumps(np.random.get_state()[1].tolist()),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "python": json.dumps(random.getstate()[1]),
-    }
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(("MT19937", np.array(json.loads(st["numpy"]), dtype=np.uint32), st["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(json.loads(st["python"])), None))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def step_seed(seed: int, stage: int, rank: int, step: int) -> int:
     return (((seed * 1_000_003 + stage) * 1_009 + rank) * 1_000_000_007 + step) % (2**63 - 1)
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int, min_size: int = 32) -> None:
-    """Images in [-1,1] -> a PNG grid; tiny images are enlarged (nearest) so they can be seen."""
-    from torchvision.utils import save_image
-
-    if images.shape[-1] < min_size:
-        images = torch.nn.functional.interpolate(images, scale_factor=min_size // images.shape[-1], mode="nearest")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.add(1).div(2).clamp(0, 1), str(path), nrow=nrow, padding=1)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -187,9 +167,7 @@ def run_stage(config: dict, session=None) -> dict:
             step, images = state["step"], state["images_in_stage"]
             drawn = int(state.get("batches_drawn", step))
             family.load_state_dict(state.get("family_state") or {})
-            rng = Path(d) / f"rng-{rank}.pt"
-            if rng.exists():
-                _set_rng_state(torch.load(rng, weights_only=True))
+            restore_rng(d, rank)
         else:
             if state is not None:
                 family.grow(modules, state["modules"])
@@ -238,7 +216,7 @@ def run_stage(config: dict, session=None) -> dict:
     every = max(1, int(round(params.checkpoint_kimg * 1000)))
     beta = 0.5 ** (params.batch_size / (params.ema_half_life_kimg * 1000)) if family.use_ema(stage) else 0.0
     grid_seeds = [params.seed * 1_000_003 + i for i in range(params.grid_size**2)]
-    run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
+    session.attach(Path(config["run_dir"]) if config.get("run_dir") else None, stage.name)
 
     def grid_real() -> torch.Tensor:
         """The first grid_size^2 train images (fixed across checkpoints and resumes), at this stage's size."""
@@ -276,9 +254,6 @@ def run_stage(config: dict, session=None) -> dict:
             metrics = {**last, "stage": stage.name, "step": step, "kimg": images / 1000,
                        "images_per_s": window_imgs / max(now - window_t, 1e-9)}
             window_t, window_imgs = now, 0
-            if rank == 0 and run_dir is not None:
-                # metrics history for MLflow (logged by the task after fit) and DVC plots
-                append_history(run_dir, stage.name, metrics)
             if rank == 0:
                 losses = " ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("loss") or k == "alpha")
                 log.info("%s step %d kimg %.2f/%.1f %s %.0f img/s", stage.name, step, images / 1000, total / 1000,
@@ -286,7 +261,7 @@ def run_stage(config: dict, session=None) -> dict:
             if at_ckpt:
                 name = f"ckpt-{images:010d}"
                 with tempfile.TemporaryDirectory(prefix="ganforge-ckpt-") as tmp:
-                    torch.save(_rng_state(), Path(tmp) / f"rng-{rank}.pt")
+                    state = None
                     if rank == 0:
                         state = {
                             "family": family.name, "stage": stage.name, "stage_index": stage.index,
@@ -298,15 +273,9 @@ def run_stage(config: dict, session=None) -> dict:
                             "optimizers": {k: o.state_dict() for k, o in opts.items()},
                             "params": params.model_dump(mode="json"),
                         }
-                        torch.save(state, Path(tmp) / STATE)
                         imgs = family.grid(ema, stage, grid_seeds, grid_real, images_in_stage=images).cpu()
                         save_grid(imgs, Path(tmp) / GRID, params.grid_size)
-                        meta = {k: v for k, v in state.items()
-                                if k not in ("modules", "ema", "optimizers", "params", "family_state")}
-                        (Path(tmp) / META).write_text(json.dumps({**meta, "metrics": metrics}, indent=2))
-                        if run_dir is not None:
-                            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-                            shutil.copy(Path(tmp) / GRID, run_dir / "samples" / f"{stage.name}-{images / 1000:08.3f}kimg.png")
+                    write_checkpoint(tmp, rank, state, metrics)
                     session.report(metrics, tmp, name)
                 ckpt_path = name
             else:

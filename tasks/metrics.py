@@ -207,6 +207,18 @@ def register_metric(name: str, direction: str, description: str):
     return deco
 
 
+def load_metric_plugins() -> None:
+    """Metrics from other packages: each entry point of the ``ganforge.metrics`` group names a module that
+    calls :func:`register_metric` when imported (read once, before params are validated)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="ganforge.metrics"):
+        try:
+            ep.load()
+        except Exception as e:  # a broken plugin must not take the built-in metrics down with it
+            log.warning("metric entry point %s = %s cannot be loaded: %s: %s", ep.name, ep.value, type(e).__name__, e)
+
+
 @register_metric("fid", "lower", "Frechet Inception Distance (Heusel et al. 2017)")
 def _fid(x: MetricInputs) -> dict[str, Any]:
     return {"fid": frechet_distance(x.real["mu"], x.real["sigma"], *feature_stats(x.fake))}

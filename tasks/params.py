@@ -17,8 +17,9 @@ from pydantic import Field, ValidationError, create_model, model_validator
 
 from ganforge.models.family import Pow2, Section
 from ganforge.models.families import family_class, family_classes
-from ganforge.tasks.metrics import METRICS
+from ganforge.tasks.metrics import METRICS, load_metric_plugins
 
+load_metric_plugins()
 MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -35,13 +36,13 @@ _Section = Section  # every params section forbids unknown keys
 
 
 class DataParams(_Section):
-    source: str = Field("digits", description="image folder, .zip, 'digits', 'synthetic:<kind>[:N]' or 'torchvision:<NAME>'")
+    source: str = Field("digits", description="image folder, .zip, 'digits', 'synthetic:KIND[:N]' or 'torchvision:NAME'")
     shards: str = Field("data/shards", description="output folder of the WebDataset shards and manifest.json")
     resolution: Pow2 = Field(32, ge=4, le=4096, description="square output resolution, a power of two")
     shard_size: int = Field(1000, ge=1, description="samples per tar shard")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held-out fraction for evaluation references")
     workers: int = Field(2, ge=1, le=256, description="decode/resize processes")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of the train/val split and the shard order")
     image_format: Literal["npy", "png"] = Field(
         "npy", description="lossless sample encoding: raw uint8 .npy (decode-free) or PNG"
     )
@@ -55,15 +56,15 @@ class _TrainBase(_Section):
     out: str = Field("runs/demo", description="run folder: checkpoints, samples, summary.json")
     resolution: Pow2 = Field(32, ge=4, description="final resolution (power of two, <= the shards' resolution)")
     workers: int = Field(2, ge=1, description="Ray Train workers per stage")
-    gpus_per_worker: float = Field(0, ge=0)
-    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0, description="0: CPU workers (gloo); 1: one GPU each (NCCL)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPU cores each worker reserves (and its torch threads)")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts per stage (-1: unlimited)")
     batch_size: int = Field(32, ge=2, description="global batch (split over workers)")
     checkpoint_kimg: float = Field(2.0, gt=0, description="checkpoint + sample grid interval, thousands of images")
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per Ray worker")
-    xflip: bool = False
-    seed: int = Field(0, ge=0)
+    xflip: bool = Field(False, description="random horizontal flips of real images")
+    seed: int = Field(0, ge=0, description="seed of initialisation, latents and data order (resume-exact)")
     amp: bool = Field(True, description="bf16/fp16 autocast when a GPU is used")
     grid_size: int = Field(8, ge=1, le=32, description="sample grid is grid_size x grid_size")
     ema_half_life_kimg: float = Field(10.0, gt=0, description="half-life of the generator EMA, thousands of images")
@@ -86,7 +87,7 @@ def _train_params_model() -> type[_TrainBase]:
     }
     for name, cls in classes.items():
         doc = (cls.Params.__doc__ or cls.__doc__ or name).strip().splitlines()[0]
-        fields[name] = (cls.Params, Field(default_factory=cls.Params, description=doc))
+        fields[name] = (cls.Params, Field(default_factory=cls.Params, title=name, description=doc))
     return create_model("TrainParams", __base__=_TrainBase, __module__=__name__, **fields)
 
 
@@ -98,27 +99,27 @@ class EvalParams(_Section):
                                       description="sample metrics, by registered name")
     protocol: Literal["tf1", "clean"] = Field("tf1", description="tf1: published FID protocol; clean: PIL bicubic")
     num_samples: int = Field(2000, ge=2, description="generated images per evaluation")
-    split: Literal["train", "val"] = "val"
-    batch_size: int = Field(50, ge=1)
+    split: Literal["train", "val"] = Field("val", description="the reference split real statistics come from")
+    batch_size: int = Field(50, ge=1, description="images per Inception forward pass")
     workers: int = Field(2, ge=1, description="Ray workers for feature extraction")
-    kid_subsets: int = Field(100, ge=1)
-    kid_subset_size: int = Field(1000, ge=2)
-    is_splits: int = Field(10, ge=1)
+    kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged")
+    kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset (capped by the set sizes)")
+    is_splits: int = Field(10, ge=1, description="IS: folds for the mean and std")
     inception_logits_path: str | None = Field(
         None, description="1008-way Inception logits weights (TorchScript) for IS; IS is null when absent"
     )
     cache_dir: str = Field(".cache/ganforge/fid-stats", description="reference statistics cache")
-    seed: int = Field(123, ge=0)
+    seed: int = Field(123, ge=0, description="seed of the generated samples (one per index) and KID subsets")
 
 
 class RegistryParams(_Section):
-    model_name: str | None = Field(None, description="registered name; default ganforge-<family>")
+    model_name: str | None = Field(None, description="registered name; default ganforge-FAMILY")
     gate_metric: str = Field("fid", description="the evaluation number the champion gate compares (fid, kid, is, "
                                                 "rfid, a family's own score such as accuracy)")
     gate_direction: Literal["lower", "higher"] = Field("lower", description="which way gate_metric improves")
     min_improvement: float = Field(0.0, ge=0, description="gate_metric must improve by at least this to take 'champion'")
-    challenger_alias: str = "challenger"
-    champion_alias: str = "champion"
+    challenger_alias: str = Field("challenger", description="alias every new version gets")
+    champion_alias: str = Field("champion", description="alias the gate moves to a better version")
 
 
 class RuntimeParams(_Section):
@@ -126,20 +127,24 @@ class RuntimeParams(_Section):
     ray_storage: str | None = Field(
         None, description="Ray Train storage root (shared folder or s3://...); None: RUN_DIR/ray"
     )
-    mlflow_tracking_uri: str = Field("sqlite:///mlflow.db")
+    mlflow_tracking_uri: str = Field("sqlite:///mlflow.db", description="sqlite file, or http(s)://tracking-server")
     mlflow_artifact_root: str = Field("mlartifacts", description="artifact root for new experiments")
-    mlflow_experiment: str = "ganforge"
+    mlflow_experiment: str = Field("ganforge", description="experiment runs are logged to")
     prefect_api_url: str | None = Field(None, description="None: Prefect's local server")
     dvc_remote: str | None = Field(None, description="DVC remote URL (local folder, s3://...)")
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...); None: AWS")
 
 
 class Params(_Section):
-    data: DataParams = Field(default_factory=DataParams)
-    train: TrainParams = Field(default_factory=TrainParams)  # type: ignore[valid-type]
-    eval: EvalParams = Field(default_factory=EvalParams)
-    registry: RegistryParams = Field(default_factory=RegistryParams)
-    runtime: RuntimeParams = Field(default_factory=RuntimeParams)
+    data: DataParams = Field(default_factory=DataParams, title="data",
+                             description="the image source and its WebDataset shards")
+    train: TrainParams = Field(default_factory=TrainParams, title="train",  # type: ignore[valid-type]
+                               description="training: the family, its section, Ray Train workers, checkpoints")
+    eval: EvalParams = Field(default_factory=EvalParams, title="eval", description="FID / KID / IS evaluation")
+    registry: RegistryParams = Field(default_factory=RegistryParams, title="registry",
+                                     description="the MLflow model registry and the champion gate")
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams, title="runtime",
+                                   description="where things run: Ray, MLflow, Prefect, DVC, S3")
 
     def section_hash(self, *sections: str) -> str:
         """Content hash of some sections, for caches keyed on what a task reads."""

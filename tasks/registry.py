@@ -178,8 +178,10 @@ def start_pipeline_run(params: Params, shards: str | Path, run_name: str | None 
 def _python_model_class():
     import mlflow.pyfunc
 
-    class _Generator(mlflow.pyfunc.PythonModel):
-        """Seeds (+ optional label, truncation) -> uint8 images N x H x W x 3, through the family's sampler."""
+    class _GanforgeModel(mlflow.pyfunc.PythonModel):
+        """A checkpoint's EMA modules behind the family's product: a generator takes seeds (+ optional label,
+        truncation) and returns uint8 images N x H x W x 3; a translator takes uint8 images and returns
+        translated ones; a classifier takes uint8 images and returns class probabilities N x K."""
 
         def load_context(self, context):
             from ganforge.tasks.checkpoint import load_generator
@@ -187,11 +189,34 @@ def _python_model_class():
             self.family, self.stage, self.ema, _ = load_generator(context.artifacts["checkpoint"])
 
         def predict(self, context, model_input, params=None):
-            from ganforge.tasks.registry import predict_images
+            from ganforge.tasks.registry import predict
 
-            return predict_images(self.family, self.stage, self.ema, model_input)
+            return predict(self.family, self.stage, self.ema, model_input)
 
-    return _Generator
+    return _GanforgeModel
+
+
+def predict(family, stage, ema, model_input) -> np.ndarray:
+    """What the registered model does, by the family's product."""
+    if family.product == "generator":
+        return predict_images(family, stage, ema, model_input)
+    import torch
+
+    from ganforge.tasks.data import to_model_input
+
+    arr = np.asarray(model_input)
+    r = stage.resolution
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[1] != arr.shape[2] \
+            or arr.shape[1] % r:
+        raise ValueError(f"{family.product} input must be uint8 images N x H x W x 3 with H = W a multiple of {r}, "
+                         f"got {arr.dtype} {arr.shape}")
+    x = to_model_input(np.ascontiguousarray(arr), r)
+    with torch.inference_mode():
+        if family.product == "translator":
+            return quantize(family.translate(ema, stage, x)).numpy()
+        if family.product == "classifier":
+            return family.classify(ema, stage, x).float().numpy()
+    raise ValueError(f"family {family.name} has an unknown product {family.product!r}")
 
 
 def predict_images(family, stage, ema, model_input) -> np.ndarray:
@@ -236,7 +261,8 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
     family, stage, ema, _ = load_generator(checkpoint)  # the checkpoint, not params, says what it is
     setup_mlflow(params.runtime)
@@ -248,11 +274,18 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
             log.info("%s version %s already holds %s with these metrics: not registering again", name, mv.version, checkpoint)
             return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}",
                     "tags": dict(mv.tags), "existing": True}
-    example = pd.DataFrame({"seed": [0, 1], "truncation": [1.0, 0.7 if family.supports_truncation else 1.0]})
-    if family.num_classes:
-        example["label"] = [0, min(1, family.num_classes - 1)]
-    out_example = predict_images(family, stage, ema, example)
-    signature = infer_signature(example, out_example)
+    if family.product == "generator":
+        example = pd.DataFrame({"seed": [0, 1], "truncation": [1.0, 0.7 if family.supports_truncation else 1.0]})
+        if family.num_classes:
+            example["label"] = [0, min(1, family.num_classes - 1)]
+        # seed is required; label and truncation are optional columns (a frame of seeds alone is a valid input)
+        inputs = Schema([ColSpec("long", "seed"), ColSpec("double", "truncation", required=False),
+                         ColSpec("long", "label", required=False)])
+    else:  # translator / classifier: uint8 images in
+        example = _example_images(params, stage.resolution)
+        inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))])
+    out_example = predict(family, stage, ema, example)
+    signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(out_example.dtype, (-1, *out_example.shape[1:]))]))
     with mlflow.start_run(run_id=run_id):
         info = _retry(
             mlflow.pyfunc.log_model, name="generator", python_model=_python_model_class()(),
@@ -267,7 +300,8 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
             raise
     mv = _retry(client.create_model_version, name, info.model_uri, run_id=run_id)
     tags = {"run_id": run_id, "data_sha256": data_sha256, "checkpoint": str(checkpoint), "scores_sha256": scores_sha,
-            "family": family.name, "stage": stage.name, "resolution": str(stage.resolution)}
+            "family": family.name, "stage": stage.name, "resolution": str(stage.resolution),
+            "product": family.product}
     if evaluation:
         tags.update({
             "protocol": evaluation["protocol"], "num_samples": str(evaluation["num_samples"]),
@@ -281,6 +315,17 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
     _retry(client.set_registered_model_alias, name, params.registry.challenger_alias, mv.version)
     log.info("registered %s version %s (alias %s)", name, mv.version, params.registry.challenger_alias)
     return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}", "tags": tags}
+
+
+def _example_images(params: Params, resolution: int) -> np.ndarray:
+    """Two real images of the run's data (the input example of an image-taking model)."""
+    from ganforge.tasks.data import iter_split
+
+    try:
+        imgs, _ = next(iter_split(params.data.shards, "val", 2))
+    except (FileNotFoundError, StopIteration, ValueError, KeyError):
+        return np.zeros((2, resolution, resolution, 3), np.uint8)
+    return np.ascontiguousarray(imgs[:, :: imgs.shape[1] // resolution, :: imgs.shape[2] // resolution])
 
 
 def evaluation_scores(evaluation: dict | None) -> dict[str, float]:

@@ -16,10 +16,13 @@ import time
 import uuid
 from pathlib import Path
 
+from ray.train import UserCallback
+
 from ganforge.models.family import StageSpec
 from ganforge.models.families import get_family
-from ganforge.tasks.checkpoint import META, STATE, checkpoint_dir, latest_checkpoint
-from ganforge.tasks.history import history_path, numeric_keys, read_history
+
+from ganforge.tasks.checkpoint import GRID, META, STATE, checkpoint_dir, latest_checkpoint
+from ganforge.tasks.history import numeric_keys, read_history, record_report
 from ganforge.tasks.io import write_json
 from ganforge.tasks.loop import ray_train_loop
 from ganforge.tasks.params import Params
@@ -218,6 +221,7 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
                   resume: str | None, summary: dict, on_progress=None) -> str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
 
     init_ray(params.runtime)
     tp = params.train
@@ -233,6 +237,7 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
     if use_gpu:
         resources["GPU"] = tp.gpus_per_worker
     storage_fs, storage_path = arrow_fs(storage) if is_remote(storage) else (None, storage)
+    reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config=config,
@@ -242,11 +247,15 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
             storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=tp.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tp.checkpoints_to_keep),
+            callbacks=[ReportForwarder(reports)],
         ),
     )
     t0 = time.perf_counter()
     try:
-        result = _fit_with_progress(trainer, run_dir, stage, on_progress)
+        try:
+            result = _fit_recording(trainer, reports, run_dir, stage, storage, on_progress)
+        finally:
+            reports.shutdown()
     except Exception as e:  # ray.train.TrainingFailedError and friends: checkpoints so far are kept
         raise RuntimeError(
             f"stage {stage.name} failed after {tp.max_failures} restart(s); its checkpoints are kept in {storage} "
@@ -274,11 +283,24 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
     return ckpt
 
 
-def _fit_with_progress(trainer, run_dir: Path, stage: StageSpec, on_progress):
-    """trainer.fit(), calling ``on_progress(fraction)`` from rank 0's metric history while it runs."""
-    if on_progress is None:
-        return trainer.fit()
+class ReportForwarder(UserCallback):
+    """Runs in the Ray Train controller: forwards rank 0's report (and the persisted checkpoint's path) of every
+    ``ray.train.report`` to the driver through a Ray queue. The driver records them in the run folder and
+    drives the progress display, so no folder has to be shared with workers on other hosts."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if metrics and metrics[0]:
+            self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint is not None else None))
+
+
+def _fit_recording(trainer, queue, run_dir: Path, stage: StageSpec, storage: str, on_progress):
+    """trainer.fit() in a thread while this thread records the forwarded reports and calls
+    ``on_progress(fraction)``; returns fit's result or raises its error."""
     import threading
+    from queue import Empty
 
     box: dict = {}
 
@@ -288,17 +310,33 @@ def _fit_with_progress(trainer, run_dir: Path, stage: StageSpec, on_progress):
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = e
 
+    fs, _ = arrow_fs(storage)
+
+    def drain(timeout: float) -> None:
+        while True:
+            try:
+                metrics, ckpt_path = queue.get(timeout=timeout)
+            except Empty:
+                return
+            timeout = 0.05
+            grid = None
+            if ckpt_path is not None:
+                try:
+                    with fs.open_input_file(f"{ckpt_path}/{GRID}") as f:
+                        grid = f.read()
+                except (OSError, FileNotFoundError):
+                    log.warning("stage %s: checkpoint %s has no %s", stage.name, ckpt_path, GRID)
+            record_report(run_dir, stage.name, metrics, grid)
+            if on_progress is not None and "kimg" in metrics:
+                on_progress(min(1.0, float(metrics["kimg"]) / stage.kimg))
+
     th = threading.Thread(target=target, name=f"fit-{stage.name}", daemon=True)
     th.start()
-    hist = history_path(run_dir, stage.name)
     while th.is_alive():
-        th.join(5.0)
-        try:
-            last = hist.read_text().strip().splitlines()[-1]
-            on_progress(min(1.0, json.loads(last)["kimg"] / stage.kimg))
-        except (OSError, IndexError, ValueError, KeyError):
-            pass
+        drain(1.0)
+    drain(0.05)  # reports put before fit returned
     if "error" in box:
         raise box["error"]
-    on_progress(1.0)
+    if on_progress is not None:
+        on_progress(1.0)
     return box["result"]

@@ -63,3 +63,20 @@ def test_evaluate_cli_last_line_is_json_and_missing_checkpoint(tiny_run, tmp_pat
     assert res.returncode == 1 and "not found" in res.stderr
     res = subprocess.run(cmd[:-2] + ["--metrics", "fid,bogus"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 2 and "eval.metrics" in res.stderr
+
+
+def test_a_metric_from_another_package(tiny_run, tmp_path):
+    """`mean_gap` is registered by tests/plugins through the `ganforge.metrics` entry point: it is a valid
+    eval.metrics name, is computed, reported with its direction and written to metrics.json, with no key list
+    in ganforge naming it."""
+    from ganforge.tasks.params import ParamsError, load_params
+
+    shards, ckpt, _ = tiny_run
+    ev = EvalParams(num_samples=12, metrics=["fid", "mean_gap"], workers=1, kid_subsets=5,
+                    cache_dir=str(tmp_path / "c"))
+    r = evaluate(ckpt, shards, ev, out=tmp_path / "out", progress=False)
+    assert 0 < r["scores"]["mean_gap"] <= r["fid"] + 1e-6  # the mean term alone, the trace term is >= 0
+    assert r["directions"]["mean_gap"] == "lower"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["mean_gap"] == pytest.approx(r["mean_gap"])
+    with pytest.raises(ParamsError, match=r"eval.metrics.0: .*'mean_gap'.*\(got 'nope'\)"):
+        load_params(None, {"eval.metrics": ["nope"]})

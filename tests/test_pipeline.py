@@ -122,3 +122,28 @@ def test_flow_runs_a_family_from_outside_ganforge(harness, tmp_path):
     setup_mlflow(p.runtime)
     imgs = sample_registered(f"models:/{r['model']}/{r['version']}", [0, 1, 2])
     assert imgs.shape == (3, 8, 8, 3) and imgs.dtype == "uint8"
+
+
+def test_flow_registers_a_classifier_gated_on_accuracy(harness, tmp_path):
+    """A family whose product is a classifier (the semi-supervised GAN's shape): evaluation scores its accuracy
+    instead of sampling, the registry holds a model that takes images, and the gate compares accuracy, higher
+    being better, as params say."""
+    import mlflow.pyfunc
+    import numpy as np
+
+    from ganforge.flows.pipeline import train_pipeline
+    from ganforge.tasks.data import iter_split
+    from ganforge.tasks.registry import setup_mlflow
+
+    base = tiny(tmp_path, "clf", family="toyclassifier", ema_half_life_kimg=0.02,
+                toyclassifier=dict(classes=10, width=8, stage_kimg=0.512)).model_dump(mode="json")
+    base["data"].update(source="digits", shards=str(tmp_path / "digits8"))  # labelled: 10 classes
+    p = Params.model_validate({**base, "registry": dict(gate_metric="accuracy", gate_direction="higher")})
+    r = train_pipeline(params=p, return_state=True).result()
+    assert r["fid"] is None and 0.3 < r["scores"]["accuracy"] <= 1.0  # 10 digits: chance is 0.1
+    assert r["model"] == "ganforge-toyclassifier" and r["promoted"]
+    setup_mlflow(p.runtime)
+    model = mlflow.pyfunc.load_model(f"models:/{r['model']}@champion")
+    imgs, labels = next(iter_split(p.data.shards, "val", 4))
+    probs = np.asarray(model.predict(imgs))
+    assert probs.shape == (len(imgs), 10) and np.allclose(probs.sum(1), 1, atol=1e-5)

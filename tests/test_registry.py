@@ -97,6 +97,28 @@ def _register_in_process(args):
     q.put(register(ckpt, _eval(fid, p.data.shards), p, run_id, data_sha256="c")["version"])
 
 
+def test_gate_reads_metric_and_direction_from_params(setup):
+    """A higher-is-better score (a classifier's accuracy) gates promotion when params say so."""
+    p, shards, ckpt, _ = setup
+    q = Params.model_validate({**p.model_dump(mode="json"), "registry": {
+        "model_name": "test-acc", "gate_metric": "accuracy", "gate_direction": "higher", "min_improvement": 0.01}})
+    run_id = start_pipeline_run(q, shards, "acc")
+
+    def ev(acc):
+        return {**_eval(50.0, shards), "scores": {"accuracy": acc, "fid": 50.0}}
+
+    a = register(ckpt, ev(0.80), q, run_id, data_sha256="x")
+    assert promote("test-acc", a["version"], q)["promoted"]
+    b = register(ckpt, ev(0.805), q, run_id, data_sha256="x")
+    d = promote("test-acc", b["version"], q)
+    assert not d["promoted"] and d["metric"] == "accuracy" and "by at least 0.01" in d["reason"]
+    c = register(ckpt, ev(0.90), q, run_id, data_sha256="x")
+    d = promote("test-acc", c["version"], q)
+    assert d["promoted"] and "accuracy 0.9000 beats champion 0.8000" in d["reason"]
+    with pytest.raises(PromotionRefused, match="no accuracy"):
+        promote("test-acc", register(ckpt, _eval(10.0, shards), q, run_id, data_sha256="x")["version"], q)
+
+
 def test_concurrent_registration(setup, tmp_path):
     p, shards, ckpt, _ = setup
     p2 = p.model_copy(deep=True)
@@ -112,3 +134,35 @@ def test_concurrent_registration(setup, tmp_path):
     assert all(pr.exitcode == 0 for pr in procs)
     versions = sorted(q.get(timeout=5) for _ in procs)
     assert versions == [1, 2]
+
+
+def test_a_translator_registers_a_model_that_takes_images(tmp_path):
+    """An image-to-image family (CycleGAN's shape) registers a model from images to images."""
+    import mlflow.pyfunc
+
+    from ganforge.tasks.data import iter_split
+    from ganforge.tasks.registry import setup_mlflow
+
+    shards = tmp_path / "shards"
+    shard("synthetic:shapes:24", shards, DataParams(resolution=8, workers=1, val_fraction=0.25), progress=False)
+    p = Params.model_validate({
+        "data": {"shards": str(shards)},
+        "train": dict(family="toyinvert", resolution=8, batch_size=8, checkpoint_kimg=1.0, grid_size=2,
+                      ema_half_life_kimg=0.01),
+        "runtime": dict(mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", mlflow_artifact_root=str(tmp_path / "art")),
+        "registry": dict(model_name="test-translator")})
+    s = LocalSession(tmp_path / "c")
+    run_stage({"params": p.train.model_dump(mode="json"), "stage": 0, "shards": str(shards), "run_dir": None,
+               "max_steps": 40}, s)
+    reg = register(s.checkpoints[-1], None, p, start_pipeline_run(p, shards, "t"), data_sha256="x")
+    assert reg["tags"]["product"] == "translator"
+    setup_mlflow(p.runtime)
+    model = mlflow.pyfunc.load_model(reg["model_uri"])
+    imgs, _ = next(iter_split(shards, "val", 4))
+    out = np.asarray(model.predict(imgs))
+    assert out.shape == imgs.shape and out.dtype == np.uint8
+    # it learned x -> -x: the translation is much closer to the inverted image than to the input
+    inv = 255 - imgs.astype(int)
+    assert np.abs(out.astype(int) - inv).mean() < 0.5 * np.abs(out.astype(int) - imgs.astype(int)).mean()
+    with pytest.raises(Exception, match="uint8"):
+        model.predict(imgs.astype(np.float32))

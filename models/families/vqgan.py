@@ -511,14 +511,16 @@ class VQGAN(GANFamily):
                      temperature=self.p.temperature, top_k=self.p.top_k, top_p=top_p)
         return ema["VQ"].decode_codes(idx).float().clamp(-1, 1)
 
-    def extra_scores(self, ema, stage, images) -> dict[str, float]:
+    score_directions = {"codebook_usage": "higher", "codebook_perplexity": "higher"}
+
+    def extra_scores(self, ema, stage, batches) -> dict[str, float]:
         """Codebook use of the reference split (how much of the codebook the autoencoder really uses)."""
         if "VQ" not in ema:
             return {}
         codes = []
         with torch.inference_mode():
-            for x in images():
-                codes.append(ema["VQ"].encode_codes(x))
+            for b in batches():
+                codes.append(ema["VQ"].encode_codes(b["image"]))
         st = codebook_stats(torch.cat(codes), ema["VQ"].quantize.n_embed)
         return {"codebook_usage": st["codebook_usage"], "codebook_perplexity": st["perplexity"],
                 "codebook_size": float(ema["VQ"].quantize.n_embed)}

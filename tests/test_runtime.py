@@ -1,0 +1,63 @@
+"""Ray is started from the run's own params everywhere: evaluation's parallel feature extraction and the
+tokens stage used to call ``init_ray(Params())``, which ignored ``runtime.ray_address`` and the S3 endpoint.
+
+A Ray cluster cannot exist on this machine, so these tests intercept ``ray.init`` (the one mock here) and check
+what it is asked to connect to; the real local-Ray paths run in the Ray, Prefect and DVC tests."""
+
+import pytest
+import ray
+
+from ganforge.tasks.params import EvalParams, RuntimeParams
+
+
+class _Connect(Exception):
+    pass
+
+
+@pytest.fixture
+def intercepted(monkeypatch):
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        raise _Connect(kwargs.get("address"))
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    return calls
+
+
+CLUSTER = RuntimeParams(ray_address="ray://head.cluster:10001", s3_endpoint_url="http://minio.cluster:9000")
+
+
+def test_evaluation_connects_to_the_configured_cluster(digits_shards, tmp_path, intercepted):
+    from ganforge.tasks.images import reference_features
+
+    with pytest.raises(_Connect):
+        reference_features(digits_shards, "val", "tf1", tmp_path / "cache", workers=2, progress=False,
+                           runtime=CLUSTER)
+    (kw,) = intercepted
+    assert kw["address"] == "ray://head.cluster:10001"
+    assert kw["runtime_env"]["env_vars"]["AWS_ENDPOINT_URL"] == "http://minio.cluster:9000"
+
+
+def test_evaluate_passes_its_runtime_down(digits_shards, tmp_path, intercepted):
+    from ganforge.tasks.evaluate import evaluate
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "state.pt").write_bytes(b"")  # never read: the reference features come first
+    with pytest.raises(_Connect):
+        evaluate(str(ckpt), digits_shards, EvalParams(workers=2, cache_dir=str(tmp_path / "c")), progress=False,
+                 runtime=CLUSTER)
+    assert intercepted[0]["address"] == "ray://head.cluster:10001"
+
+
+def test_local_by_default(intercepted):
+    from ganforge.tasks.runtime import init_ray
+
+    with pytest.raises(_Connect):
+        init_ray(RuntimeParams())
+    assert "address" not in intercepted[0] and "runtime_env" not in intercepted[0]
