@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from ganforge.tasks.params import Params, ParamsError, load_params
+from ganforge.tasks.params import Params, load_params
 
 log = logging.getLogger("ganforge")
 
@@ -100,9 +100,10 @@ def cmd_train(args: argparse.Namespace, params: Params) -> dict:
             if len(match) != 1:
                 raise ValueError(f"--stage-resolution {args.stage_resolution} is not one stage of these params "
                                  f"(stages: {', '.join(str(s.resolution) for s in stages)}); keep dvc.yaml in sync")
-        rec = train_stage(params.data.shards, params.train.out, params, match[0].index, init=args.init or None)
+        rec = train_stage(params.data.shards, params.train.out, params, match[0].index, init=args.init or None,
+                          verify=args.verify or None)
         return {"stage": match[0].name, "checkpoint": rec["checkpoint"], "images_seen": rec["images_seen"]}
-    summary = train(params.data.shards, params.train.out, params)
+    summary = train(params.data.shards, params.train.out, params, verify=args.verify or None)
     return {
         "out": params.train.out,
         "final_checkpoint": summary["final_checkpoint"],
@@ -158,10 +159,16 @@ def cmd_register(args: argparse.Namespace, params: Params) -> dict:
 
 
 def cmd_promote(args: argparse.Namespace, params: Params) -> dict:
-    from ganforge.tasks.registry import promote
+    """Exit 0 only when the version is champion afterwards; every refusal exits 3 (with the decision printed)."""
+    from ganforge.tasks.registry import PromotionRefused, promote
 
     name = args.model or params.registry.model_name or f"ganforge-{params.train.family}"
-    return promote(name, args.version, params, force=args.force)
+    decision = promote(name, args.version, params, force=args.force)
+    if not decision["promoted"]:
+        err = PromotionRefused(f"{name} version {decision['version']}: {decision['reason']}")
+        err.decision = decision
+        raise err
+    return decision
 
 
 def cmd_models(args: argparse.Namespace, params: Params) -> str:
@@ -382,6 +389,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="run only the stage at this resolution (what each dvc.yaml train stage calls)")
     p.add_argument("--stage", default=None, help="run only the stage of this name (e.g. vqgan-3-prior)")
     p.add_argument("--init", default=None, help="with --stage(-resolution): the previous stage's checkpoint dir")
+    p.add_argument("--verify", action="store_true",
+                   help="check every shard's sha256 before training (by default only when the shards are small)")
     p.add_argument("--stages-file", default=None,
                    help="refuse to run when this dvc-stages.yaml no longer matches params (what dvc.yaml passes)")
 
@@ -418,10 +427,23 @@ EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 }
 
 
-def _refusal():
-    from ganforge.tasks.registry import PromotionRefused
+def failure(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for a failure: the codes are listed in ganforge.tasks.errors."""
+    from ganforge.tasks.errors import GanforgeError, one_line, root_cause
 
-    return PromotionRefused
+    if isinstance(exc, GanforgeError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, PermissionError):
+        return 6, f"permission denied: {exc.filename or exc}" + (f" ({exc.strerror})" if exc.strerror else "")
+    if isinstance(exc, FileNotFoundError):
+        return 4, str(exc) if not exc.filename else f"not found: {exc.filename}"
+    if isinstance(exc, IsADirectoryError | NotADirectoryError | FileExistsError):
+        return 4, f"{exc.strerror}: {exc.filename} (a file stands where a folder is needed, or the reverse)"
+    if type(exc).__name__ == "MlflowException":
+        return 1, f"MLflow: {str(exc).splitlines()[0][:400]}"
+    if isinstance(exc, (ValueError, RuntimeError, KeyError, OSError)):
+        return 1, one_line(root_cause(exc)) if not isinstance(exc, (ValueError, RuntimeError)) else str(exc)
+    return 1, f"unexpected {one_line(exc)} (run with -v for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,16 +455,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = resolve_params(args)
         result = args._fn(args, params)
-    except ParamsError as e:
-        print(f"ganforge {args.command}: {e}", file=sys.stderr)
-        return 2
-    except _refusal() as e:
-        print(f"ganforge {args.command}: refused: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        print(f"ganforge {args.command}: interrupted; a re-run resumes what was checkpointed", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line and an exit code
         log.debug("failure", exc_info=True)
-        print(f"ganforge {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        code, line = failure(e)
+        decision = getattr(e, "decision", None)
+        if decision is not None:  # a refusal still prints the gate's decision as the last stdout line
+            print(json.dumps(decision, default=str))
+        kind = "refused" if code == 3 else "error"
+        print(f"ganforge {args.command}: {kind}: {line}" if code != 2 else f"ganforge {args.command}: {line}",
+              file=sys.stderr)
+        return code
     if result is not None:
         # The last line of stdout is machine-readable.
         print(json.dumps(result, default=str) if not isinstance(result, str) else result)

@@ -75,7 +75,15 @@ def _stage_key(ctx, args: dict) -> str:
                             args["manifest_sha256"], init_hash, str(Path(params.train.out).resolve())])
 
 
-@task(name="shard", cache_key_fn=_shard_key, persist_result=True, retries=1)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry a crash or a lost worker; not an error that would only recur (bad params, damaged inputs)."""
+    from ganforge.tasks.errors import is_retryable
+
+    exc = getattr(state, "data", None)
+    return not isinstance(exc, BaseException) or is_retryable(exc)
+
+
+@task(name="shard", cache_key_fn=_shard_key, persist_result=True, retries=1, retry_condition_fn=_worth_retrying)
 def shard_task(params: Params) -> dict:
     from ganforge.tasks.shard import manifest_hash, shard
 
@@ -85,7 +93,7 @@ def shard_task(params: Params) -> dict:
             "skipped": len(m["skipped"])}
 
 
-@task(name="train-stage", cache_key_fn=_stage_key, persist_result=True, retries=2,
+@task(name="train-stage", cache_key_fn=_stage_key, persist_result=True, retries=2, retry_condition_fn=_worth_retrying,
       retry_delay_seconds=exponential_backoff(backoff_factor=10), task_run_name="train-stage-{stage_index}")
 def stage_task(params: Params, stage_index: int, manifest_sha256: str, init: str | None) -> dict:
     from ganforge.models.families import get_family
@@ -127,6 +135,16 @@ def promote_task(params: Params, name: str, version: int | None, force: bool = F
         return promote(name, version, params, force=force)
     except PromotionRefused as e:
         return {"name": name, "version": version, "promoted": False, "reason": str(e)}
+
+
+def _recorded_stages(params: Params) -> dict[str, str]:
+    """Stage -> final checkpoint, as summary.json of the run folder records them."""
+    path = Path(params.train.out) / "summary.json"
+    try:
+        stages = json.loads(path.read_text()).get("stages", {})
+    except (OSError, ValueError):
+        return {}
+    return {k: v["checkpoint"] for k, v in stages.items() if v.get("done") and v.get("checkpoint")}
 
 
 def _stop_ray(flow, flow_run, state) -> None:
@@ -173,9 +191,19 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     shards = shard_task.with_options(refresh_cache=missing)(params)
     prev = None
     stage_recs = []
+    recorded = _recorded_stages(params)
     for st in get_family(params.train).stages():
-        # a cached tokens stage is only valid while its token shards exist
+        # a cached tokens stage is only valid while its token shards exist, a cached training stage while its
+        # final checkpoint is complete (a damaged one is trained again from the newest valid checkpoint)
         gone = st.kind == "tokens" and not (Path(params.train.out) / "tokens" / "manifest.json").exists()
+        if st.kind == "train" and st.name in recorded:
+            from ganforge.tasks.checkpoint import checkpoint_problem
+
+            problem = checkpoint_problem(recorded[st.name])
+            if problem:
+                logger.warning("stage %s: recorded checkpoint %s is damaged (%s): not using the cache", st.name,
+                               recorded[st.name], problem)
+                gone = True
         rec = stage_task.with_options(refresh_cache=gone)(params, st.index, shards["manifest_sha256"], prev)
         stage_recs.append(rec)
         prev = rec["checkpoint"]

@@ -1,12 +1,19 @@
-"""Reading checkpoints: a checkpoint is a folder with ``state.pt`` (weights, optimizer states, counters,
-family state, resolved params; loaded with ``weights_only=True``: data, never code), ``meta.json`` and
-``grid.png``, on local disk or in Ray Train storage (``s3://``)."""
+"""Checkpoints: a folder with ``state.pt`` (weights, optimizer states, counters, family state, resolved params;
+loaded with ``weights_only=True``: data, never code), ``meta.json`` and ``grid.png``, on local disk or in Ray
+Train storage (``s3://``).
+
+A checkpoint is complete only when its write finished: ``meta.json`` is written last and records the size and
+sha256 of ``state.pt``. Every reader validates before it loads (:func:`checkpoint_problem`); resume falls back
+to the newest valid checkpoint and says which it skipped and why."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +22,12 @@ import torch
 
 from ganforge.models.family import GANFamily, StageSpec
 from ganforge.models.families import get_family
+from ganforge.tasks.errors import CheckpointError
+from ganforge.tasks.io import sha256_file
 from ganforge.tasks.params import TrainParams
-from ganforge.tasks.storage import arrow_fs
+from ganforge.tasks.storage import arrow_fs, is_remote
+
+log = logging.getLogger("ganforge.checkpoint")
 
 STATE = "state.pt"
 META = "meta.json"
@@ -80,21 +91,65 @@ def write_checkpoint(folder: str | Path, rank: int, state: dict | None, metrics:
         return
     torch.save(state, folder / STATE)
     meta = {k: v for k, v in state.items() if k not in ("modules", "ema", "optimizers", "params", "family_state")}
-    (folder / META).write_text(json.dumps({**meta, "metrics": metrics}, indent=2))
+    meta["files"] = {STATE: {"size": (folder / STATE).stat().st_size, "sha256": sha256_file(folder / STATE)}}
+    (folder / META).write_text(json.dumps({**meta, "metrics": metrics}, indent=2))  # last: marks it complete
 
 
 # ----------------------------------------------------------------------------- reading
 
 
+def checkpoint_problem(ckpt: str | Path, *, full: bool = False) -> str | None:
+    """Why ``ckpt`` is not a complete checkpoint, or None when it is. Cheap by default (meta.json present and
+    whole, state.pt of the recorded size); ``full`` also compares state.pt's sha256."""
+    import pyarrow.fs as pafs
+
+    fs, path = arrow_fs(str(ckpt))
+    meta_info, state_info = fs.get_file_info([f"{path}/{META}", f"{path}/{STATE}"])
+    if meta_info.type != pafs.FileType.File:
+        return f"no {META} (its write did not finish)"
+    try:
+        with fs.open_input_stream(meta_info.path) as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        return f"{META} is unreadable ({type(e).__name__})"
+    if state_info.type != pafs.FileType.File:
+        return f"no {STATE}"
+    rec = (meta.get("files") or {}).get(STATE) if isinstance(meta, dict) else None
+    if rec:
+        if state_info.size != rec["size"]:
+            return f"{STATE} has {state_info.size} bytes, {META} records {rec['size']} (a torn write)"
+        if full:
+            import hashlib
+
+            h = hashlib.sha256()
+            with fs.open_input_stream(state_info.path) as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            if h.hexdigest() != rec["sha256"]:
+                return f"{STATE} does not match the sha256 in {META} (damaged)"
+    elif not is_remote(ckpt) and not zipfile.is_zipfile(state_info.path):
+        return f"{STATE} is not a complete archive (a torn write)"  # written before sizes were recorded
+    return None
+
+
 def load_state(ckpt_dir: str | Path) -> dict:
+    """The state of a checkpoint folder, validated first: a damaged one raises CheckpointError naming it."""
     path = Path(ckpt_dir) / STATE
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {STATE}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    problem = checkpoint_problem(ckpt_dir)
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {problem}; use an earlier checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {STATE} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); use an earlier checkpoint") from None
 
 
 def latest_checkpoint(storage: str, stage: StageSpec) -> str | None:
-    """The newest complete checkpoint of ``stage`` over all its attempts in ``storage``."""
+    """The newest complete checkpoint of ``stage`` over all its attempts in ``storage``; newer damaged ones
+    (a crash during a write) are skipped with a warning that names them and why."""
     import pyarrow.fs as pafs
 
     fs, root = arrow_fs(storage)
@@ -108,17 +163,25 @@ def latest_checkpoint(storage: str, stage: StageSpec) -> str | None:
             continue
         for c in fs.get_file_info(pafs.FileSelector(a.path)):
             if c.type == pafs.FileType.Directory and c.base_name.startswith("ckpt-"):
-                if fs.get_file_info(f"{c.path}/{STATE}").type == pafs.FileType.File:
-                    found.append((c.base_name, c.path))
-    if not found:
-        return None
-    best = max(found)[1]
-    return best if "://" not in storage else f"{storage.split('://')[0]}://{best}"
+                found.append((c.base_name, c.path))
+    scheme = f"{storage.split('://')[0]}://" if "://" in storage else ""
+    for _, path in sorted(found, reverse=True):
+        uri = f"{scheme}{path}" if scheme else path
+        problem = checkpoint_problem(uri)
+        if problem is None:
+            return uri
+        log.warning("stage %s: skipping checkpoint %s: %s", stage.name, uri, problem)
+    return None
 
 
 def load_generator(checkpoint: str | Path, device: str = "cpu") -> tuple[GANFamily, StageSpec, dict, dict]:
     """(family, stage, EMA modules, state) of a checkpoint: the checkpoint, not the caller's params, says
     which family and stage it is."""
+    if not is_remote(checkpoint) and not Path(checkpoint, STATE).exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found (no {STATE})")
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f"checkpoint {checkpoint} is damaged: {problem}; use an earlier checkpoint")
     with checkpoint_dir(str(checkpoint)) as d:
         state = load_state(d)
     tp = TrainParams.model_validate(state["params"])

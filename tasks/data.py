@@ -25,6 +25,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ganforge.tasks.errors import ShardError
 from ganforge.tasks.shard import read_manifest
 from ganforge.tasks.storage import is_remote, join, local_copy
 
@@ -71,8 +72,9 @@ def shard_url(shards: str | Path, entry: dict) -> str:
     return f"{url}#sha256={entry['sha256']}" if is_remote(url) and entry.get("sha256") else url
 
 
-def _iter_tar(url: str) -> Iterator[dict]:
-    """Samples of one tar shard (a local path, or a remote URL copied once into the local cache).
+def _iter_tar(url: str, expect: int | None = None) -> Iterator[dict]:
+    """Samples of one tar shard (a local path, or a remote URL copied once into the local cache); with
+    ``expect`` (the manifest's count) a shard holding another number of samples raises ShardError.
 
     Our shards are plain USTAR files of regular members named ``<key>.<ext>``;
     those are parsed straight from a memory map (tarfile's per-member Python
@@ -93,6 +95,8 @@ def _iter_tar(url: str) -> Iterator[dict]:
             if hdr[156:157] not in (b"0", b"\0") or hdr[345:346] != b"\0" or "/" in name or "." not in name:
                 break  # not one of ours: fall back below
             size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            if pos + 512 + size > end:
+                raise ShardError(f"{url}: truncated inside member {name} (regenerate the shards with `ganforge shard`)")
             key, ext = name.split(".", 1)
             if cur is None or cur["__key__"] != key:
                 cur = {"__key__": key}
@@ -102,10 +106,20 @@ def _iter_tar(url: str) -> Iterator[dict]:
         else:
             pos = end
         fast = pos + 512 > end or data[pos : pos + 512] == _ZERO_BLOCK
+    n = len(samples)
+    if fast and expect is not None and n != expect:
+        raise ShardError(f"{url} holds {n} samples, the manifest lists {expect} (truncated or replaced): "
+                         f"regenerate the shards with `ganforge shard`")
     if fast:
         yield from samples
-    else:
-        yield from wds.tariterators.tarfile_samples([{"url": url}])
+        return
+    n = 0
+    for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+        n += 1
+        yield sample
+    if expect is not None and n != expect:
+        raise ShardError(f"{url} holds {n} samples, the manifest lists {expect} (truncated or replaced): "
+                         f"regenerate the shards with `ganforge shard`")
 
 
 def to_model_input(imgs: np.ndarray, resolution: int) -> torch.Tensor:
@@ -179,7 +193,7 @@ class TrainStream(IterableDataset):
         while True:
             rng.shuffle(mine)
             for shard_idx, url in mine:
-                for j, raw in enumerate(_iter_tar(url)):
+                for j, raw in enumerate(_iter_tar(url, self.shards[shard_idx][1])):
                     if keep is not None and (offsets[shard_idx] + j) % keep[1] != keep[0]:
                         continue
                     buf.append(raw)
@@ -280,7 +294,7 @@ def iter_split(
             continue
         if pos >= stop:
             break
-        for raw in _iter_tar(shard_url(shards, s)):
+        for raw in _iter_tar(shard_url(shards, s), s["count"]):
             if start <= pos < stop:
                 arr, label = decode_sample(raw)
                 imgs.append(arr)

@@ -19,7 +19,7 @@ from ganforge.tasks.images import ImageSet, _read_slice, extract_features, refer
 from ganforge.tasks.io import write_json
 from ganforge.tasks.metrics import METRICS, PROTOCOLS, MetricInputs, feature_stats, frechet_distance
 from ganforge.tasks.params import EvalParams, RuntimeParams
-from ganforge.tasks.shard import manifest_hash
+from ganforge.tasks.shard import manifest_hash, verify_shards
 
 log = logging.getLogger("ganforge.evaluate")
 
@@ -44,6 +44,9 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
         raise ValueError("no checkpoint to evaluate (train first, or pass --checkpoint)")
     if not Path(checkpoint, STATE).exists() and "://" not in str(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint} not found (no {STATE})")
+    # inputs first: a damaged checkpoint or shard fails in seconds, not after minutes of reference statistics
+    family, stage, ema, _ = load_generator(checkpoint)
+    verify_shards(shards)
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "protocol": ev.protocol, "protocol_description": PROTOCOLS[ev.protocol],
         "num_samples": ev.num_samples, "seed": ev.seed,
@@ -52,7 +55,6 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
                              batch_size=ev.batch_size, progress=progress, runtime=runtime)
     result["reference"] = {"shards": str(shards), "split": ev.split, "count": int(ref["count"]),
                            "manifest_sha256": manifest_hash(shards), "cache": ref["cache"]}
-    family, stage, ema, _ = load_generator(checkpoint)
     result["family"], result["stage"] = family.name, stage.name
     scores: dict[str, float | None] = {}
     gen = ImageSet("generator", str(checkpoint), count=ev.num_samples, seed=ev.seed)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,64 @@ def replace_dir(tmp: Path, out: Path) -> None:
     """Move a finished folder into place; the previous output survives until the new one is complete."""
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        old = owned_name(out, "old")
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- secrets
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]+)@")
+
+
+def redact(value: Any) -> Any:
+    """A URI's password replaced by ``***`` (``postgresql://user:***@host/db``), inside strings, lists and dicts;
+    ganforge writes no credential it was given into MLflow params, summaries or logs."""
+    if isinstance(value, str):
+        return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+# ----------------------------------------------------------------------------- temporary folders of dead runs
+
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def owned_name(target: Path, kind: str) -> Path:
+    """A hidden sibling of ``target`` for work in progress (``kind`` tmp) or a replaced output (old), named
+    after the host and process that own it, so a later run can tell a dead owner's leftovers."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    return target.with_name(f".{target.name}.{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Remove ``target``'s hidden tmp/old siblings whose owner process on this host is gone (safe: nobody is
+    writing them). Returns what was removed."""
+    removed = []
+    host = socket.gethostname().replace("-", "_") or "host"
+    parent = target.parent
+    if not parent.is_dir():
+        return removed
+    for p in parent.iterdir():
+        m = _TMP.match(p.name)
+        if not m or m["name"] != target.name or m["host"] != host or _alive(int(m["pid"])):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed

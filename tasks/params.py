@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
 
+from ganforge.tasks.errors import GanforgeError
 from ganforge.models.family import Pow2, Section
 from ganforge.models.families import family_class, family_classes
 from ganforge.tasks.metrics import METRICS, load_metric_plugins
@@ -28,8 +29,11 @@ DEFAULT_PARAMS = Path("params.yaml")
 ENV_PREFIX = "GANFORGE__"
 
 
-class ParamsError(ValueError):
+class ParamsError(GanforgeError, ValueError):
     """A params file or override is invalid; the message names the key."""
+
+    exit_code = 2
+    retryable = False
 
 
 _Section = Section  # every params section forbids unknown keys

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -24,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from ganforge.tasks.checkpoint import load_generator
+from ganforge.tasks.errors import GanforgeError, InputError, RegistryError
 from ganforge.tasks.history import read_history
-from ganforge.tasks.io import sha256_json
+from ganforge.tasks.io import redact, sha256_file, sha256_json
 from ganforge.tasks.metrics import quantize
 from ganforge.tasks.params import Params, RuntimeParams, flatten
 
@@ -34,8 +36,11 @@ log = logging.getLogger("ganforge.registry")
 COMPARABLE_TAGS = ("protocol", "num_samples", "reference_sha256", "reference_split", "reference_count")
 
 
-class PromotionRefused(ValueError):
+class PromotionRefused(GanforgeError, ValueError):
     """The gate refused to move the champion alias; the message says why."""
+
+    exit_code = 3
+    retryable = False
 
 
 def _retry(fn, *args, tries: int = 8, **kwargs):
@@ -61,7 +66,8 @@ def setup_mlflow(runtime: RuntimeParams) -> str:
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    exp = _retry(mlflow.get_experiment_by_name, runtime.mlflow_experiment)
+    with _sqlite_first_use_lock(uri):  # two first users of a fresh sqlite store would both create its tables
+        exp = _retry(mlflow.get_experiment_by_name, runtime.mlflow_experiment)
     if exp is not None:
         exp_id = exp.experiment_id
     else:
@@ -78,6 +84,82 @@ def setup_mlflow(runtime: RuntimeParams) -> str:
             exp_id = mlflow.get_experiment_by_name(runtime.mlflow_experiment).experiment_id
     mlflow.set_experiment(experiment_id=exp_id)  # nested runs land beside their parent
     return exp_id
+
+
+@contextlib.contextmanager
+def _sqlite_first_use_lock(uri: str):
+    """An exclusive lock beside a sqlite store while it is opened (and, on first use, created); a tracking
+    server creates its own schema once, so no lock is needed there."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri[len("sqlite:///"):] if uri.startswith("sqlite:////") else uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+GATE_LOCK_SUFFIX = ".gate-lock"
+
+
+@contextlib.contextmanager
+def gate_lock(client, name: str, *, timeout_s: float = 120.0, stale_s: float = 600.0):
+    """A mutex around the champion gate of ``name`` that works on sqlite and on a tracking server alike: the
+    registry's own unique-name constraint (creating the registered model ``<name>.gate-lock`` succeeds for one
+    caller only). A lock left by a crashed holder is broken after ``stale_s``."""
+    import os
+    import socket
+
+    lock = f"{name}{GATE_LOCK_SUFFIX}"
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"owner": me, "since": repr(time.time())},
+                                           description=f"held while the champion gate of {name} decides")
+            break
+        except Exception as e:  # noqa: BLE001 - taken by someone else (RESOURCE_ALREADY_EXISTS) or a busy store
+            text = str(e)
+            if "already exists" not in text.lower() and "RESOURCE_ALREADY_EXISTS" not in text \
+                    and "locked" not in text.lower():
+                raise
+            try:
+                held = client.get_registered_model(lock)
+                since = float(held.tags.get("since", "0"))
+                if time.time() - since > stale_s:
+                    log.warning("breaking the stale gate lock of %s held by %s", name, held.tags.get("owner"))
+                    client.delete_registered_model(lock)
+                    continue
+            except Exception:  # noqa: BLE001 - released meanwhile
+                continue
+            if time.monotonic() > deadline:
+                raise RegistryError(f"the champion gate of {name} is locked by {held.tags.get('owner')}; if that "
+                                    f"process is gone, delete the registered model {lock}") from None
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
+    try:
+        yield
+    finally:
+        _retry(client.delete_registered_model, lock)
+
+
+def _model_version(client, name: str, version: int | str | None = None, alias: str | None = None):
+    """A registered version by number or alias, or RegistryError naming what does not exist."""
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, str(version))
+    except Exception as e:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST / INVALID_PARAMETER_VALUE
+        what = f"alias '{alias}'" if alias is not None else f"version {version}"
+        known = ", ".join(str(v.version) for v in _existing_versions(client, name)) or "none"
+        raise RegistryError(f"registered model {name} has no {what} (versions: {known})") from e
 
 
 def git_commit() -> str | None:
@@ -160,7 +242,7 @@ def start_pipeline_run(params: Params, shards: str | Path, run_name: str | None 
     exp_id = setup_mlflow(params.runtime)
     run = _retry(mlflow.start_run, experiment_id=exp_id, run_name=run_name)
     try:
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, tuple)) else v
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, tuple)) else redact(v)
                            for k, v in flatten(params.model_dump(mode="json")).items()})
         tags = {"ganforge.family": params.train.family, "data.manifest_sha256": manifest_hash(shards),
                 "data.shards": str(shards)}
@@ -249,7 +331,12 @@ def sample_registered(model_uri: str, seeds: list[int], truncation: float = 1.0,
     import mlflow.pyfunc
     import pandas as pd
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as e:  # noqa: BLE001 - MlflowException for an unknown name / version / alias
+        if "RESOURCE_DOES_NOT_EXIST" in str(e) or "not found" in str(e).lower() or "No such" in str(e):
+            raise RegistryError(f"no registered model at {model_uri}: {str(e).splitlines()[0][:200]}") from None
+        raise
     frame = {"seed": seeds, "truncation": [truncation] * len(seeds)}
     if labels is not None:
         frame["label"] = labels
@@ -265,6 +352,10 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
     family, stage, ema, _ = load_generator(checkpoint)  # the checkpoint, not params, says what it is
+    if evaluation and evaluation.get("checkpoint") and not same_checkpoint(evaluation["checkpoint"], checkpoint):
+        raise InputError(f"the evaluation was made for checkpoint {evaluation['checkpoint']}, not {checkpoint}: "
+                         f"evaluate this checkpoint (`ganforge evaluate --checkpoint {checkpoint}`) and register with "
+                         f"that evaluation")
     setup_mlflow(params.runtime)
     name = params.registry.model_name or f"ganforge-{family.name}"
     scores = {k: repr(float(v)) for k, v in evaluation_scores(evaluation).items()}
@@ -298,7 +389,9 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
     except Exception as e:  # noqa: BLE001
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    mv = _retry(client.create_model_version, name, info.model_uri, run_id=run_id)
+    # model_id: a tracking server refuses a models:/m-... source without it (sqlite stores do not check)
+    mv = _retry(client.create_model_version, name, info.model_uri, run_id=run_id,
+                model_id=getattr(info, "model_id", None))
     tags = {"run_id": run_id, "data_sha256": data_sha256, "checkpoint": str(checkpoint), "scores_sha256": scores_sha,
             "family": family.name, "stage": stage.name, "resolution": str(stage.resolution),
             "product": family.product}
@@ -326,6 +419,22 @@ def _example_images(params: Params, resolution: int) -> np.ndarray:
     except (FileNotFoundError, StopIteration, ValueError, KeyError):
         return np.zeros((2, resolution, resolution, 3), np.uint8)
     return np.ascontiguousarray(imgs[:, :: imgs.shape[1] // resolution, :: imgs.shape[2] // resolution])
+
+
+def same_checkpoint(a: str, b: str) -> bool:
+    """The same checkpoint: the same folder, or a copy with the same state.pt (e.g. RUN_DIR/stages/<stage>
+    exported from Ray storage)."""
+    from ganforge.tasks.storage import is_remote
+
+    if str(a) == str(b):
+        return True
+    if is_remote(a) or is_remote(b):
+        return False
+    pa, pb = Path(a).resolve(), Path(b).resolve()
+    if pa == pb:
+        return True
+    sa, sb = pa / "state.pt", pb / "state.pt"
+    return sa.exists() and sb.exists() and sa.stat().st_size == sb.stat().st_size and sha256_file(sa) == sha256_file(sb)
 
 
 def evaluation_scores(evaluation: dict | None) -> dict[str, float]:
@@ -356,12 +465,13 @@ def promote(name: str, version: int | None, params: Params, *, force: bool = Fal
     client = MlflowClient()
     reg = params.registry
     if version is None:
-        try:
-            version = int(client.get_model_version_by_alias(name, reg.challenger_alias).version)
-        except Exception as e:  # noqa: BLE001
-            raise PromotionRefused(f"{name} has no '{reg.challenger_alias}' version to promote: {e}") from None
-    mv = client.get_model_version(name, str(version))
-    tags = mv.tags
+        version = int(_model_version(client, name, alias=reg.challenger_alias).version)
+    with gate_lock(client, name):  # read, decide and move the alias as one step
+        return _decide(client, name, int(version), reg, force)
+
+
+def _decide(client, name: str, version: int, reg, force: bool) -> dict:
+    tags = _model_version(client, name, version).tags
     try:
         champ = client.get_model_version_by_alias(name, reg.champion_alias)
     except Exception:  # noqa: BLE001 - no champion yet
@@ -397,13 +507,16 @@ def promote(name: str, version: int | None, params: Params, *, force: bool = Fal
         return record(True, "first eligible version becomes champion")
     if int(champ.version) == int(version):
         return record(True, "already champion")
+    if decision["champion"] is None:
+        # a champion without the gate's metric (e.g. one promoted with --force) is no baseline: it must not block
+        # every comparable challenger until someone forces again
+        return record(True, f"the champion (version {champ.version}) has no {label}: the first version with one "
+                            f"takes over")
     mismatch = [k for k in COMPARABLE_TAGS if champ.tags.get(k) != tags.get(k)]
     if mismatch:
         reason = "not comparable with the champion: " + ", ".join(
             f"{k} {tags.get(k)!r} vs {champ.tags.get(k)!r}" for k in mismatch)
         return record(False, reason)
-    if decision["champion"] is None:
-        return record(True, f"the champion has no {label}: the first version with one takes over")
     gain = decision["candidate"] - decision["champion"] if higher else decision["champion"] - decision["candidate"]
     if gain >= reg.min_improvement and gain > 0:
         return record(True, f"{label} {decision['candidate']:.4f} beats champion {decision['champion']:.4f} "
@@ -417,7 +530,8 @@ def list_models(params: Params, name: str | None = None) -> list[dict]:
 
     setup_mlflow(params.runtime)
     client = MlflowClient()
-    names = [name] if name else [m.name for m in client.search_registered_models()]
+    names = [name] if name else [m.name for m in client.search_registered_models()
+                                 if not m.name.endswith(GATE_LOCK_SUFFIX)]
     rows = []
     for n in names:
         aliases = client.get_registered_model(n).aliases  # alias -> version

@@ -22,7 +22,6 @@ import logging
 import math
 import multiprocessing as mp
 import shutil
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +31,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ganforge.tasks.io import replace_dir, sha256_file
+from ganforge.tasks.errors import ShardError
+from ganforge.tasks.io import clean_stale, owned_name, replace_dir, sha256_file
 from ganforge.tasks.params import DataParams
 from ganforge.tasks.sources import RESIZE_FILTER, Candidate, SourceError, list_source, load_image, prepare, skip_reason
 
@@ -44,10 +44,6 @@ SPLITS = ("train", "val")
 # DataParams that change how a run goes, never what it writes: left out of the manifest so that,
 # e.g., another worker count gives a byte-identical manifest.json (and unchanged manifest_hash).
 RUN_ONLY_PARAMS = {"workers"}
-
-
-class ShardError(RuntimeError):
-    """Sharding cannot produce any output (no usable image)."""
 
 
 def encode_image(arr: np.ndarray, fmt: str) -> bytes:
@@ -106,6 +102,7 @@ class _SplitWriter:
             self._writer.close()
             self._writer = None
             last = self.shards[-1]
+            last["size"] = (self.folder / last["file"]).stat().st_size
             last["sha256"] = sha256_file(self.folder / last["file"])
 
     def finish(self) -> dict:
@@ -130,7 +127,9 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
     jobs = [(cands[i], data.resolution, data.image_format) for i in order]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    for p in clean_stale(out):
+        log.info("removed %s, left by a run that died", p)
+    tmp = owned_name(out, "tmp")
     tmp.mkdir()
     try:
         writers = {s: _SplitWriter(tmp, s, data.shard_size) for s in SPLITS}
@@ -180,14 +179,78 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
 
 
 def read_manifest(shards: str | Path) -> dict:
+    """The manifest of a shard folder, checked for the keys readers need; a damaged one names its file."""
     from ganforge.tasks.storage import exists, join, read_text
 
     path = join(shards, MANIFEST)
     if not exists(path):
         raise FileNotFoundError(f"no {MANIFEST} in {shards}: run `ganforge shard` first")
-    m = json.loads(read_text(path))
-    if m.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} has format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    try:
+        m = json.loads(read_text(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path} is not valid JSON ({e}): regenerate the shards with `ganforge shard`") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise ShardError(f"{path} has format {got!r}, expected {MANIFEST_FORMAT!r}")
+    missing = [k for k in ("resolution", "splits") if k not in m]
+    bad = [f"splits.{name}" for name, e in (m.get("splits") or {}).items()
+           if not isinstance(e, dict) or "count" not in e or
+           any(not isinstance(x, dict) or "file" not in x or "count" not in x for x in e.get("shards", [None]))]
+    if missing or bad:
+        raise ShardError(f"{path} lacks {', '.join(missing + bad)}: regenerate the shards with `ganforge shard`")
+    return m
+
+
+CHEAP_SHA256_BYTES = 256 << 20  # a full sha256 check runs by default up to this many bytes of shards
+
+
+def _tar_sample_count(path: Path) -> int:
+    """Samples (distinct keys) in a tar, from its headers; a truncated tar raises."""
+    import tarfile
+
+    keys = []
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if m.isfile():
+                key = m.name.split(".", 1)[0]
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+            if m.offset_data + m.size > path.stat().st_size:
+                raise tarfile.ReadError(f"member {m.name} ends past the end of the file")
+    return len(keys)
+
+
+def verify_shards(shards: str | Path, *, full: bool | None = None) -> dict:
+    """Check every shard of a local shard folder against its manifest before anything reads it: present,
+    of the recorded size, holding the recorded number of samples, and (``full``; by default when the set is
+    small) of the recorded sha256. Remote shards are checked against their sha256 when fetched."""
+    import tarfile
+
+    from ganforge.tasks.storage import is_remote
+
+    m = read_manifest(shards)
+    if is_remote(shards):
+        return m
+    entries = [(split, e) for split, entry in m["splits"].items() for e in entry["shards"]]
+    total = sum(int(e.get("size") or 0) for _, e in entries)
+    if full is None:
+        full = total <= CHEAP_SHA256_BYTES
+    regen = f"regenerate the shards: `ganforge shard --source {m.get('source', 'SOURCE')} --out {shards}`"
+    for split, e in entries:
+        path = Path(shards) / e["file"]
+        if not path.exists():
+            raise ShardError(f"{path} is missing (split {split}); {regen}")
+        size = path.stat().st_size
+        if e.get("size") is not None and size != e["size"]:
+            raise ShardError(f"{path} has {size} bytes, the manifest records {e['size']} (truncated or replaced); {regen}")
+        try:
+            n = _tar_sample_count(path)
+        except (tarfile.TarError, OSError) as err:
+            raise ShardError(f"{path} is not a readable tar ({err}); {regen}") from None
+        if n != e["count"]:
+            raise ShardError(f"{path} holds {n} samples, the manifest lists {e['count']}; {regen}")
+        if full and e.get("sha256") and sha256_file(path) != e["sha256"]:
+            raise ShardError(f"{path} does not match its sha256 in the manifest (damaged or replaced); {regen}")
     return m
 
 
@@ -200,5 +263,5 @@ def manifest_hash(shards: str | Path) -> str:
     return sha256_file(Path(shards) / MANIFEST)
 
 
-__all__ = ["shard", "ShardError", "SourceError", "read_manifest", "manifest_hash"]
+__all__ = ["shard", "ShardError", "SourceError", "read_manifest", "manifest_hash", "verify_shards"]
 

@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,10 @@ import webdataset as wds
 
 from ganforge.models.families import get_family
 from ganforge.tasks.checkpoint import STATE, checkpoint_dir, load_generator, load_state
-from ganforge.tasks.io import replace_dir, sha256_file
+from ganforge.tasks.io import clean_stale, owned_name, replace_dir, sha256_file
 from ganforge.tasks.params import RuntimeParams, TrainParams
 from ganforge.tasks.runtime import init_ray
-from ganforge.tasks.shard import MANIFEST, MANIFEST_FORMAT, manifest_hash, read_manifest
+from ganforge.tasks.shard import MANIFEST, MANIFEST_FORMAT, manifest_hash, read_manifest, verify_shards
 
 log = logging.getLogger("ganforge.tokens")
 
@@ -90,7 +89,7 @@ def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, 
     from tqdm import tqdm
 
     out, shards = Path(out), Path(shards)
-    src_manifest = read_manifest(shards)
+    src_manifest = verify_shards(shards)
     if src_manifest.get("kind") == "tokens":
         raise ValueError(f"{shards} already holds tokens; the tokens stage encodes image shards")
     with checkpoint_dir(str(checkpoint)) as d:
@@ -110,7 +109,9 @@ def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, 
             pass
     jobs = [(split, s["file"]) for split, entry in src_manifest["splits"].items() for s in entry["shards"]]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    for p in clean_stale(out):
+        log.info("removed %s, left by a run that died", p)
+    tmp = owned_name(out, "tmp")
     tmp.mkdir()
     try:
         args = [(str(checkpoint), str(shards / f), str(tmp / f), res, batch_size) for _, f in jobs]

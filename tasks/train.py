@@ -21,13 +21,14 @@ from ray.train import UserCallback
 from ganforge.models.family import StageSpec
 from ganforge.models.families import get_family
 
-from ganforge.tasks.checkpoint import GRID, META, STATE, checkpoint_dir, latest_checkpoint
+from ganforge.tasks.checkpoint import GRID, META, STATE, checkpoint_dir, checkpoint_problem, latest_checkpoint
+from ganforge.tasks.errors import CheckpointError, StageError, one_line, root_cause
 from ganforge.tasks.history import numeric_keys, read_history, record_report
-from ganforge.tasks.io import write_json
+from ganforge.tasks.io import redact, write_json
 from ganforge.tasks.loop import ray_train_loop
-from ganforge.tasks.params import Params
+from ganforge.tasks.params import Params, ParamsError
 from ganforge.tasks.runtime import init_ray
-from ganforge.tasks.shard import manifest_hash, read_manifest
+from ganforge.tasks.shard import manifest_hash, read_manifest, verify_shards
 from ganforge.tasks.storage import arrow_fs, is_remote
 
 log = logging.getLogger("ganforge.train")
@@ -76,14 +77,14 @@ def _open_run(shards: str | Path, out: str | Path, params: Params) -> tuple[Path
     else:
         summary = {"family": family.name, "identity": ident, "stages": {}, "final_checkpoint": None}
     summary["data"] = {"shards": str(shards), "manifest_sha256": manifest_hash(shards)}
-    summary["params"] = params.model_dump(mode="json")
+    summary["params"] = redact(params.model_dump(mode="json"))  # no credential of a URI lands on disk
     storage = storage_root(params, run_dir)
     summary["storage"] = storage
     return run_dir, summary, storage
 
 
 def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index: int, *,
-                init: str | None = None, on_progress=None) -> dict:
+                init: str | None = None, on_progress=None, verify: bool | None = None) -> dict:
     """Run (or skip, when finished, or resume, when interrupted) one stage; returns its summary record.
 
     ``init``: the previous stage's final checkpoint (default: from summary.json).
@@ -93,9 +94,13 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
     stage = family.stages()[stage_index]
     rec = summary["stages"].get(stage.name)
     if rec and rec.get("done") and stage.kind == "train":
-        log.info("stage %s already finished: %s", stage.name, rec["checkpoint"])
-        export_stage(run_dir, stage.name, rec)
-        return rec
+        problem = checkpoint_problem(rec["checkpoint"])
+        if problem is None:
+            log.info("stage %s already finished: %s", stage.name, rec["checkpoint"])
+            export_stage(run_dir, stage.name, rec)
+            return rec
+        log.warning("stage %s: its final checkpoint %s is damaged (%s): training the stage again from its newest "
+                    "valid checkpoint", stage.name, rec["checkpoint"], problem)
     if init is None and stage_index > 0:
         prev = family.stages()[stage_index - 1]
         prev_rec = summary["stages"].get(prev.name)
@@ -106,6 +111,12 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
         if not Path(init, STATE).exists():
             raise FileNotFoundError(f"initial checkpoint {init} (previous stage) has no {STATE}")
         init = str(Path(init).resolve())  # Ray workers run in their own working directory
+    if init:
+        problem = checkpoint_problem(init)
+        if problem:
+            raise CheckpointError(f"initial checkpoint {init} (the previous stage's) is damaged: {problem}; train the "
+                                  f"previous stage again (`ganforge train` re-runs it)")
+    check_before_ray(params, stage, shards, full_verify=verify)
     if stage.kind == "tokens":
         summary["stages"][stage.name] = tokens_stage(params, stage, shards, run_dir, init, on_progress)
     else:
@@ -132,6 +143,16 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
         summary["stages"] = on_disk["stages"]
     write_json(path, summary)
     return summary["stages"][stage.name]
+
+
+def check_before_ray(params: Params, stage: StageSpec, shards, *, full_verify: bool | None = None) -> None:
+    """Everything that can fail for certain is checked here, on the driver, before a Ray job starts (Ray would
+    otherwise retry it, then bury the cause): the batch split and the shards against their manifest."""
+    tp = params.train
+    if stage.kind == "train" and tp.batch_size % tp.workers:
+        raise ParamsError(f"train.batch_size ({tp.batch_size}) must be divisible by train.workers ({tp.workers})")
+    if stage.info.get("data") != "tokens":
+        verify_shards(shards, full=full_verify)
 
 
 def _finished_checkpoint(ckpt: str | None, stage: StageSpec) -> dict | None:
@@ -205,12 +226,12 @@ def export_stage(run_dir: Path, stage_name: str, rec: dict) -> Path:
     return dst
 
 
-def train(shards: str | Path, out: str | Path, params: Params) -> dict:
+def train(shards: str | Path, out: str | Path, params: Params, *, verify: bool | None = None) -> dict:
     """Run (or resume) every stage in order; returns the summary (also RUN_DIR/summary.json)."""
     stages = get_family(params.train).stages()
     prev = None
     for stage in stages:
-        prev = train_stage(shards, out, params, stage.index, init=prev)["checkpoint"]
+        prev = train_stage(shards, out, params, stage.index, init=prev, verify=verify)["checkpoint"]
     summary = json.loads((Path(out) / SUMMARY).read_text())
     summary["final_checkpoint"] = prev
     write_json(Path(out) / SUMMARY, summary)
@@ -257,10 +278,10 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
         finally:
             reports.shutdown()
     except Exception as e:  # ray.train.TrainingFailedError and friends: checkpoints so far are kept
-        raise RuntimeError(
-            f"stage {stage.name} failed after {tp.max_failures} restart(s); its checkpoints are kept in {storage} "
-            f"and a re-run resumes from the latest: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        ) from e
+        cause = root_cause(e)
+        raise StageError(
+            f"stage {stage.name} failed after {tp.max_failures} restart(s) ({one_line(cause)}); its checkpoints are "
+            f"kept in {storage} and a re-run resumes from the newest valid one", cause) from e
     wall = time.perf_counter() - t0
     if result.error is not None:
         raise RuntimeError(f"stage {stage.name} failed: {result.error}")

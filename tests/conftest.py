@@ -63,3 +63,13 @@ def stop_and_resume(config: dict, tmp_path: Path, stop: int, total: int) -> tupl
     resumed = LocalSession(tmp_path / "resumed", resume_from=part.checkpoints[-1])
     run_stage({**config, "max_steps": total}, resumed)
     return full.checkpoints[-1], part.checkpoints[-1], resumed.checkpoints[-1]
+
+
+@pytest.fixture
+def restore_environ():
+    """Tests that configure S3 endpoints through ganforge (which exports them for this process and Ray workers)
+    leave os.environ as they found it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

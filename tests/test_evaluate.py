@@ -60,7 +60,7 @@ def test_evaluate_cli_last_line_is_json_and_missing_checkpoint(tiny_run, tmp_pat
     bad = cmd.copy()
     bad[bad.index(ckpt)] = str(tmp_path / "missing")
     res = subprocess.run(bad, capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert res.returncode == 1 and "not found" in res.stderr
+    assert res.returncode == 4 and "not found" in res.stderr  # a missing input
     res = subprocess.run(cmd[:-2] + ["--metrics", "fid,bogus"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 2 and "eval.metrics" in res.stderr
 

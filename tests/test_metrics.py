@@ -144,4 +144,4 @@ def test_image_sets_and_fid_cli(tiny_shards, tmp_path):
     assert abs(float(res.stdout.strip().splitlines()[-1])) < 1e-2  # the same images
     res = subprocess.run([sys.executable, "-m", "ganforge.flows.cli", "fid", str(tmp_path / "nope"), str(folder)],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert res.returncode == 1 and "nope" in res.stderr
+    assert res.returncode == 4 and "nope" in res.stderr  # a missing input

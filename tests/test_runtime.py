@@ -15,7 +15,7 @@ class _Connect(Exception):
 
 
 @pytest.fixture
-def intercepted(monkeypatch):
+def intercepted(monkeypatch, restore_environ):
     calls = []
 
     def fake_init(**kwargs):
@@ -45,13 +45,17 @@ def test_evaluation_connects_to_the_configured_cluster(digits_shards, tmp_path, 
 
 def test_evaluate_passes_its_runtime_down(digits_shards, tmp_path, intercepted):
     from ganforge.tasks.evaluate import evaluate
+    from ganforge.tasks.loop import LocalSession, run_stage
+    from ganforge.tasks.params import TrainParams
 
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "state.pt").write_bytes(b"")  # never read: the reference features come first
+    tp = TrainParams.model_validate(dict(family="toyvae", resolution=8, batch_size=8, grid_size=2,
+                                         toyvae=dict(width=4)))
+    s = LocalSession(tmp_path / "ckpt")
+    run_stage({"params": tp.model_dump(mode="json"), "stage": 0, "shards": str(digits_shards), "run_dir": None,
+               "max_steps": 1}, s)
     with pytest.raises(_Connect):
-        evaluate(str(ckpt), digits_shards, EvalParams(workers=2, cache_dir=str(tmp_path / "c")), progress=False,
-                 runtime=CLUSTER)
+        evaluate(s.checkpoints[-1], digits_shards, EvalParams(workers=2, cache_dir=str(tmp_path / "c")),
+                 progress=False, runtime=CLUSTER)
     assert intercepted[0]["address"] == "ray://head.cluster:10001"
 
 

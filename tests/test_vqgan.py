@@ -16,6 +16,7 @@ import torch
 from ganforge.models.nn.gpt import GPT, adamw_param_groups, cosine_lr, draw, filter_logits, sample
 from ganforge.models.nn.lpips import load_lpips
 from ganforge.models.families.vqgan import VQGAN, VectorQuantizer, codebook_stats
+from ganforge.tasks.errors import CheckpointError
 from ganforge.tasks.params import Params, ParamsError, TrainParams, load_params
 
 TINY = dict(ch=8, ch_mult=[1, 2, 2], z_channels=8, embed_dim=8, n_embed=32, disc_start=4, disc_ch=8, disc_layers=2,
@@ -325,8 +326,15 @@ def test_vqgan_stages_refuse_bad_input(digits_shards, tmp_path):
         train_stage(digits_shards, p.train.out, p, 2, init=str(tmp_path))
     (tmp_path / "ae").mkdir()
     (tmp_path / "ae" / "state.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"initial checkpoint .*/ae \(the previous stage's\) is damaged"):
+        train_stage(digits_shards, p.train.out, p, 2, init=str(tmp_path / "ae"))
+    from ganforge.tasks.loop import LocalSession, run_stage
+
+    ae = LocalSession(tmp_path / "ae-ok")
+    run_stage({"params": p.train.model_dump(mode="json"), "stage": 0, "shards": str(digits_shards), "run_dir": None,
+               "max_steps": 1}, ae)
     with pytest.raises(FileNotFoundError, match="trains on tokens, but .* has none"):
-        train_stage(digits_shards, p.train.out, p, 2, init=str(tmp_path / "ae"))  # the tokens stage never ran
+        train_stage(digits_shards, p.train.out, p, 2, init=ae.checkpoints[-1])  # the tokens stage never ran
     fam = VQGAN(TrainParams(family="vqgan", resolution=16, vqgan={**TINY, "prior_classes": 10}))
     ctx = StepContext(0, 0, torch.Generator(), torch.device("cpu"), None, None)
     with pytest.raises(ValueError, match="prior_classes=10 needs every sample to have a label"):
