@@ -132,14 +132,21 @@ def checkpoint_problem(ckpt: str | Path, *, full: bool = False) -> str | None:
     return None
 
 
-def load_state(ckpt_dir: str | Path) -> dict:
-    """The state of a checkpoint folder, validated first: a damaged one raises CheckpointError naming it."""
+def require_complete(ckpt: str | Path) -> None:
+    """Raise CheckpointError naming ``ckpt`` and what is wrong when it is not a complete checkpoint."""
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {problem}; use an earlier checkpoint")
+
+
+def load_state(ckpt_dir: str | Path, *, validated: bool = False) -> dict:
+    """The state of a checkpoint folder, validated first (unless the caller just did): a damaged one raises
+    CheckpointError naming it."""
     path = Path(ckpt_dir) / STATE
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {STATE}")
-    problem = checkpoint_problem(ckpt_dir)
-    if problem:
-        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {problem}; use an earlier checkpoint")
+    if not validated:
+        require_complete(ckpt_dir)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as e:
@@ -179,11 +186,9 @@ def load_generator(checkpoint: str | Path, device: str = "cpu") -> tuple[GANFami
     which family and stage it is."""
     if not is_remote(checkpoint) and not Path(checkpoint, STATE).exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found (no {STATE})")
-    problem = checkpoint_problem(checkpoint)
-    if problem:
-        raise CheckpointError(f"checkpoint {checkpoint} is damaged: {problem}; use an earlier checkpoint")
+    require_complete(checkpoint)  # before a remote one is downloaded
     with checkpoint_dir(str(checkpoint)) as d:
-        state = load_state(d)
+        state = load_state(d, validated=True)
     tp = TrainParams.model_validate(state["params"])
     family = get_family(tp)
     stage = next((s for s in family.stages() if s.name == state["stage"]), None)

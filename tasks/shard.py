@@ -209,13 +209,14 @@ def _tar_sample_count(path: Path) -> int:
     import tarfile
 
     keys = []
+    size = path.stat().st_size
     with tarfile.open(path) as tf:
         for m in tf:
             if m.isfile():
                 key = m.name.split(".", 1)[0]
                 if not keys or keys[-1] != key:
                     keys.append(key)
-            if m.offset_data + m.size > path.stat().st_size:
+            if m.offset_data + m.size > size:
                 raise tarfile.ReadError(f"member {m.name} ends past the end of the file")
     return len(keys)
 
