@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_vqgan.py
+	$(PY) benchmarks/bench_textbook.py
 
 # the same stages through DVC (dvc.yaml iterates dvc-stages.yaml, refreshed from params first); needs a git repository
 repro: install

@@ -102,6 +102,9 @@ class GANFamily(ABC):
     # what the registry registers: "generator" (seeds -> images), "translator" (images -> images, e.g. CycleGAN)
     # or "classifier" (images -> class probabilities, e.g. the semi-supervised GAN's discriminator)
     product: ClassVar[str] = "generator"
+    # the evaluation number the promotion gate compares unless registry.gate_metric says otherwise, and which
+    # way it improves: FID for generators; a classifier's accuracy
+    gate: ClassVar[tuple[str, str]] = ("fid", "lower")
 
     def __init__(self, params: Any):
         """``params``: the validated ``train`` section (its ``<name>`` field is this family's section)."""
@@ -112,6 +115,21 @@ class GANFamily(ABC):
     @classmethod
     def check_params(cls, train: Any, section: Section) -> None:
         """Cross-checks between the train section and this family's section; raise ValueError to refuse."""
+
+    def check_data(self, manifest: dict, shards: Any) -> None:
+        """Refuse shards this family cannot train on (ValueError, one line), before any worker starts. By default:
+        a class-conditional family needs shards with exactly its number of classes."""
+        if not self.num_classes:
+            return
+        classes = manifest.get("classes") or []
+        if not classes:
+            raise ValueError(f"family {self.name} is class-conditional ({self.num_classes} classes) but the shards in "
+                             f"{shards} have no labels: shard a labelled source (class subfolders, digits) or train "
+                             f"it unconditionally")
+        if len(classes) != self.num_classes:
+            raise ValueError(f"family {self.name} is set for {self.num_classes} classes but the shards in {shards} "
+                             f"have {len(classes)} ({', '.join(map(str, classes[:5]))}, ...): set "
+                             f"the train.{self.name} section's class count to {len(classes)}")
 
     @classmethod
     def kimg_overrides(cls, kimg: float) -> dict[str, float]:

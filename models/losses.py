@@ -9,7 +9,8 @@
 - ``hinge``: E[relu(1 - D(real))] + E[relu(1 + D(fake))], G: -E[D(fake)] (Lim & Ye 2017; SAGAN, BigGAN);
 - ``least-squares``: LSGAN's a=0, b=c=1 (Mao et al. 2017): 0.5 E[(D(real) - 1)^2] + 0.5 E[D(fake)^2].
 
-Logits are raw (no sigmoid); every loss is a mean over the batch (and patches).
+Logits are raw (no sigmoid); every loss is a mean over the batch (and patches). ``real_target`` < 1 is one-sided
+label smoothing (Salimans et al. 2016): D's target for real images (minimax, non-saturating, least-squares only).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-def _d_minimax(real: Tensor, fake: Tensor) -> Tensor:
-    return F.softplus(-real).mean() + F.softplus(fake).mean()
+def _d_minimax(real: Tensor, fake: Tensor, t: float = 1.0) -> Tensor:
+    # binary cross-entropy with target t for real images: t*softplus(-r) + (1-t)*softplus(r)
+    real_term = F.softplus(-real).mean() if t == 1.0 else (t * F.softplus(-real) + (1 - t) * F.softplus(real)).mean()
+    return real_term + F.softplus(fake).mean()
 
 
 def _g_minimax(fake: Tensor) -> Tensor:
@@ -46,8 +49,8 @@ def _d_hinge(real: Tensor, fake: Tensor) -> Tensor:
     return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
 
 
-def _d_least_squares(real: Tensor, fake: Tensor) -> Tensor:
-    return 0.5 * (real - 1.0).pow(2).mean() + 0.5 * fake.pow(2).mean()
+def _d_least_squares(real: Tensor, fake: Tensor, t: float = 1.0) -> Tensor:
+    return 0.5 * (real - t).pow(2).mean() + 0.5 * fake.pow(2).mean()
 
 
 def _g_least_squares(fake: Tensor) -> Tensor:
@@ -63,13 +66,19 @@ G_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
     "hinge": _g_wasserstein, "least-squares": _g_least_squares,
 }
 ADVERSARIAL_LOSSES = tuple(D_LOSSES)
+SMOOTHABLE = ("minimax", "non-saturating", "least-squares")  # losses with a target for real images
 
 
-def d_loss(kind: str, real: Tensor, fake: Tensor) -> Tensor:
-    """The discriminator's (critic's) loss on logits of real and generated images."""
+def d_loss(kind: str, real: Tensor, fake: Tensor, real_target: float = 1.0) -> Tensor:
+    """The discriminator's (critic's) loss on logits of real and generated images; ``real_target`` < 1 smooths
+    the real labels (one-sided)."""
     if kind not in D_LOSSES:
         raise ValueError(f"unknown adversarial loss {kind!r}; allowed: {', '.join(D_LOSSES)}")
-    return D_LOSSES[kind](real, fake)
+    if real_target == 1.0:
+        return D_LOSSES[kind](real, fake)
+    if kind not in SMOOTHABLE:
+        raise ValueError(f"label smoothing needs a loss with targets ({', '.join(SMOOTHABLE)}), not {kind!r}")
+    return D_LOSSES[kind](real, fake, real_target)
 
 
 def g_loss(kind: str, fake: Tensor) -> Tensor:

@@ -260,6 +260,33 @@ class TokenStream(TrainStream):
         return torch.from_numpy(np.stack(imgs).astype(np.int64)), torch.tensor(labels, dtype=torch.long)
 
 
+LABELLED_SPLIT = "labelled"
+
+
+class LabelledMixStream(IterableDataset):
+    """Endless batches for semi-supervised training: every batch holds ``labelled`` images of the shards'
+    ``labelled`` split (``ganforge shard --labelled-per-class N``) followed by ``batch_size - labelled`` images
+    of the train split whose labels are withheld (-1), so no rank ever gets a batch without labels. Both parts
+    are rank-split and resume-exact like :class:`TrainStream`."""
+
+    fields = ("image", "label")
+
+    def __init__(self, shards: str | Path, resolution: int, batch_size: int, *, labelled: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, xflip: bool = False, start_batch: int = 0):
+        if not 0 < labelled < batch_size:
+            raise ValueError(f"a mixed batch of {batch_size} needs 1..{batch_size - 1} labelled images, got {labelled}")
+        m = read_manifest(shards)
+        if not (m["splits"].get(LABELLED_SPLIT) or {}).get("count"):
+            raise ValueError(f"{shards} has no labelled subset: shard with `ganforge shard --labelled-per-class N`")
+        kw = dict(rank=rank, world_size=world_size, xflip=xflip, start_batch=start_batch)
+        self.labelled = TrainStream(shards, resolution, labelled, split=LABELLED_SPLIT, seed=seed * 7919 + 1, **kw)
+        self.unlabelled = TrainStream(shards, resolution, batch_size - labelled, seed=seed, **kw)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for (xl, yl), (xu, yu) in zip(self.labelled, self.unlabelled):
+            yield torch.cat([xl, xu]), torch.cat([yl, torch.full_like(yu, -1)])
+
+
 def train_loader(stream: TrainStream, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An endless iterator over a stream's batches, with ``num_workers`` loader processes."""
     if num_workers == 0:

@@ -29,7 +29,7 @@ from torch import nn
 from ganforge.models.family import GANFamily, StageSpec, StepContext
 from ganforge.models.families import get_family
 from ganforge.tasks.checkpoint import GRID, checkpoint_dir, load_state, restore_rng, write_checkpoint
-from ganforge.tasks.data import TokenStream, TrainStream, iter_split, to_model_input, train_loader
+from ganforge.tasks.data import LabelledMixStream, TokenStream, TrainStream, iter_split, to_model_input, train_loader
 from ganforge.tasks.history import record_report
 from ganforge.tasks.images import save_grid
 from ganforge.tasks.params import TrainParams
@@ -199,11 +199,14 @@ def run_stage(config: dict, session=None) -> dict:
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if (use_cuda and params.amp) else contextlib.nullcontext
     no_sync = lambda m: m.no_sync() if hasattr(m, "no_sync") else contextlib.nullcontext()  # noqa: E731
 
-    stream_cls = TokenStream if stage.info.get("data") == "tokens" else TrainStream
-    stream = stream_cls(
-        config["shards"], stage.resolution, per_rank, rank=rank, world_size=world,
-        seed=params.seed * 1009 + stage.index, xflip=params.xflip, start_batch=drawn,
-    )
+    stream_kw = dict(rank=rank, world_size=world, seed=params.seed * 1009 + stage.index, xflip=params.xflip,
+                     start_batch=drawn)
+    if stage.info.get("labelled_fraction"):  # semi-supervised: labelled images in every batch
+        labelled = min(per_rank - 1, max(1, round(per_rank * stage.info["labelled_fraction"])))
+        stream = LabelledMixStream(config["shards"], stage.resolution, per_rank, labelled=labelled, **stream_kw)
+    else:
+        stream_cls = TokenStream if stage.info.get("data") == "tokens" else TrainStream
+        stream = stream_cls(config["shards"], stage.resolution, per_rank, **stream_kw)
     batches = train_loader(stream, params.loader_workers)
 
     def next_batch() -> dict[str, torch.Tensor]:
@@ -228,6 +231,7 @@ def run_stage(config: dict, session=None) -> dict:
     last: dict[str, float] = {}
     ckpt_path = None
     while images < total and (max_steps is None or step < max_steps):
+        drawn_before = drawn
         batch = next_batch()
         ctx = StepContext(step, images, torch.Generator().manual_seed(step_seed(params.seed, stage.index, rank, step)),
                           dev, autocast, no_sync, next_batch)
@@ -243,8 +247,9 @@ def run_stage(config: dict, session=None) -> dict:
                     be.copy_(b)
         prev_images = images
         step += 1
-        images += params.batch_size
-        window_imgs += params.batch_size
+        shown = params.batch_size * (drawn - drawn_before)  # every real batch the step drew (n_critic > 1: several)
+        images += shown
+        window_imgs += shown
         done = images >= total or (max_steps is not None and step >= max_steps)
         at_ckpt = done or images // every > prev_images // every
         if at_ckpt or step % params.log_every == 0:

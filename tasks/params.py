@@ -52,6 +52,9 @@ class DataParams(_Section):
     )
     download: bool = Field(False, description="allow torchvision datasets to download (network)")
     torchvision_root: str = Field("data/torchvision", description="where torchvision datasets live")
+    labelled_per_class: int | None = Field(
+        None, ge=1, description="semi-supervised data: also write a 'labelled' split of this many train images per "
+                                "class (deterministic, class-balanced); null: none")
 
 
 class _TrainBase(_Section):
@@ -118,9 +121,11 @@ class EvalParams(_Section):
 
 class RegistryParams(_Section):
     model_name: str | None = Field(None, description="registered name; default ganforge-FAMILY")
-    gate_metric: str = Field("fid", description="the evaluation number the champion gate compares (fid, kid, is, "
-                                                "rfid, a family's own score such as accuracy)")
-    gate_direction: Literal["lower", "higher"] = Field("lower", description="which way gate_metric improves")
+    gate_metric: str | None = Field(None, description="the evaluation number the champion gate compares (fid, kid, "
+                                                      "is, rfid, a family's own score such as accuracy); null: the "
+                                                      "family's (FID for generators, accuracy for classifiers)")
+    gate_direction: Literal["lower", "higher"] | None = Field(
+        None, description="which way gate_metric improves; null: as its metric declares")
     min_improvement: float = Field(0.0, ge=0, description="gate_metric must improve by at least this to take 'champion'")
     challenger_alias: str = Field("challenger", description="alias every new version gets")
     champion_alias: str = Field("champion", description="alias the gate moves to a better version")

@@ -6,8 +6,8 @@
 - The EMA generator is registered as a pyfunc model that loads offline and turns
   seeds (and optional class labels and the family's own truncation) into uint8 images.
 - New versions get the ``challenger`` alias; ``champion`` moves only when
-  ``registry.gate_metric`` (FID by default; lower is better unless
-  ``registry.gate_direction`` says higher), measured with the same protocol,
+  the gate's number (``registry.gate_metric``; by default the family's: FID,
+  lower is better, for generators, accuracy, higher, for classifiers), measured with the same protocol,
   sample count and reference data, improves by at least
   ``registry.min_improvement``. Decisions are written as tags.
 """
@@ -470,27 +470,43 @@ def promote(name: str, version: int | None, params: Params, *, force: bool = Fal
         return _decide(client, name, int(version), reg, force)
 
 
+def gate_for(reg, family: str | None) -> tuple[str, str]:
+    """The gate's (metric, direction): registry.gate_metric / gate_direction where set, else the family's own
+    (``GANFamily.gate``: FID, lower, for generators; accuracy, higher, for classifiers)."""
+    from ganforge.models.families import family_classes
+    from ganforge.tasks.evaluate import direction
+
+    cls = family_classes().get(family or "")
+    metric = reg.gate_metric or (cls.gate[0] if cls else "fid")
+    if reg.gate_direction:
+        return metric, reg.gate_direction
+    if not reg.gate_metric and cls:
+        return metric, cls.gate[1]
+    return metric, direction(metric) or "lower"
+
+
 def _decide(client, name: str, version: int, reg, force: bool) -> dict:
     tags = _model_version(client, name, version).tags
     try:
         champ = client.get_model_version_by_alias(name, reg.champion_alias)
     except Exception:  # noqa: BLE001 - no champion yet
         champ = None
-    metric, higher = reg.gate_metric, reg.gate_direction == "higher"
+    metric, direction = gate_for(reg, tags.get("family"))
+    higher = direction == "higher"
     label = metric.upper() if metric in ("fid", "kid", "is") else metric
 
     def value(t: dict) -> float | None:
         return float(t[metric]) if metric in t else None
 
     decision: dict[str, Any] = {"name": name, "version": int(version), "forced": force, "metric": metric,
-                                "direction": reg.gate_direction, "candidate": value(tags),
+                                "direction": direction, "candidate": value(tags),
                                 "champion_version": int(champ.version) if champ else None,
                                 "champion": value(champ.tags) if champ else None}
 
     def record(ok: bool, reason: str) -> dict:
         decision.update(promoted=ok, reason=reason)
         for k, v in {"promotion.decision": "promoted" if ok else "refused", "promotion.reason": reason,
-                     "promotion.forced": str(force), "promotion.metric": f"{metric} ({reg.gate_direction} is better)",
+                     "promotion.forced": str(force), "promotion.metric": f"{metric} ({direction} is better)",
                      "promotion.champion_before": str(decision["champion"])}.items():
             _retry(client.set_model_version_tag, name, str(version), k, v)
         if ok:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ganforge-shards/1"
 SPLITS = ("train", "val")
+LABELLED = "labelled"  # semi-supervised data: a copy of N train images per class (data.labelled_per_class)
 # DataParams that change how a run goes, never what it writes: left out of the manifest so that,
 # e.g., another worker count gives a byte-identical manifest.json (and unchanged manifest_hash).
 RUN_ONLY_PARAMS = {"workers"}
@@ -125,6 +126,10 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
     if n_val >= len(cands):
         n_val = len(cands) - 1
     jobs = [(cands[i], data.resolution, data.image_format) for i in order]
+    per_class = data.labelled_per_class
+    if per_class and not listing.classes:
+        raise ShardError("--labelled-per-class needs a labelled source (class subfolders, digits, synthetic:shapes): "
+                         f"{source!r} has no classes")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     for p in clean_stale(out):
@@ -132,9 +137,10 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
     tmp = owned_name(out, "tmp")
     tmp.mkdir()
     try:
-        writers = {s: _SplitWriter(tmp, s, data.shard_size) for s in SPLITS}
+        writers = {s: _SplitWriter(tmp, s, data.shard_size) for s in SPLITS + ((LABELLED,) if per_class else ())}
         ext = data.image_format
         log.info("sharding %d candidates from %s at %dx%d (%s) with %d workers", len(jobs), source, data.resolution, data.resolution, ext, data.workers)
+        labelled_keys: dict[int, list[str]] = {}
         results = _decode_all(jobs, data.workers)
         bar = tqdm(results, total=len(jobs), desc="shard", unit="img", disable=not progress, mininterval=0.5)
         for pos, (payload, reason) in enumerate(bar):
@@ -147,8 +153,14 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
             if cand.label is not None:
                 sample["cls"] = str(cand.label).encode()
             writers[split].write(sample)
+            # the labelled subset: the first N train images of each class in the seeded order (deterministic,
+            # class-balanced); a copy, the train split keeps every image
+            keys = labelled_keys.setdefault(cand.label, [])
+            if per_class and split == "train" and len(keys) < per_class:
+                keys.append(sample["__key__"])
+                writers[LABELLED].write(sample)
         splits = {s: w.finish() for s, w in writers.items()}
-        count = sum(s["count"] for s in splits.values())
+        count = sum(splits[s]["count"] for s in SPLITS)  # the labelled split holds copies
         if count == 0:
             raise ShardError(
                 f"no usable image in {source!r}: all {len(skipped)} file(s) were skipped; first reasons: "
@@ -156,6 +168,11 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
             )
         if splits["train"]["count"] == 0:
             raise ShardError(f"only {count} usable image(s) in {source!r}: nothing left for the train split")
+        short = {c: len(labelled_keys.get(i, [])) for i, c in enumerate(listing.classes)
+                 if per_class and len(labelled_keys.get(i, [])) < per_class}
+        if short:
+            raise ShardError(f"--labelled-per-class {per_class}: the train split has fewer images of class(es) "
+                             f"{short} (images per class)")
         manifest = {
             "format": MANIFEST_FORMAT,
             "source": source,
@@ -168,6 +185,8 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
             "classes": listing.classes,
             "splits": splits,
             "params": data.model_dump(mode="json", exclude=RUN_ONLY_PARAMS),
+            **({"labelled": {"per_class": per_class, "split": LABELLED,
+                             "keys": sorted(k for v in labelled_keys.values() for k in v)}} if per_class else {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, out)

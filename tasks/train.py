@@ -147,12 +147,17 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
 
 def check_before_ray(params: Params, stage: StageSpec, shards, *, full_verify: bool | None = None) -> None:
     """Everything that can fail for certain is checked here, on the driver, before a Ray job starts (Ray would
-    otherwise retry it, then bury the cause): the batch split and the shards against their manifest."""
+    otherwise retry it, then bury the cause): the batch split, the shards against their manifest, and the family
+    against the data (labels for a conditional model, a labelled subset for a semi-supervised one)."""
     tp = params.train
     if stage.kind == "train" and tp.batch_size % tp.workers:
         raise ParamsError(f"train.batch_size ({tp.batch_size}) must be divisible by train.workers ({tp.workers})")
     if stage.info.get("data") != "tokens":
-        verify_shards(shards, full=full_verify)
+        manifest = verify_shards(shards, full=full_verify)
+        try:
+            get_family(tp).check_data(manifest, shards)
+        except ValueError as e:
+            raise ParamsError(str(e)) from None
 
 
 def _finished_checkpoint(ckpt: str | None, stage: StageSpec) -> dict | None:

@@ -31,6 +31,14 @@ def digits_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_labelled_shards(tmp_path_factory) -> Path:
+    """Digits at 16x16 with a labelled subset of 10 train images per class (semi-supervised families)."""
+    out = tmp_path_factory.mktemp("digits-labelled") / "shards"
+    shard("digits", out, DataParams(resolution=16, shard_size=400, workers=1, labelled_per_class=10), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def digits32_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits32") / "shards"
     shard("digits", out, DataParams(resolution=32, shard_size=500, workers=1), progress=False)

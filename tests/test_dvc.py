@@ -1,5 +1,5 @@
-"""Real DVC in a temp git repo: `dvc repro` end to end on tiny data (ProGAN's, VQ-GAN's and the test-only
-toyvae family's stages, all from the one generic dvc.yaml iterating `ganforge dvc-stages`), the no-op re-run,
+"""Real DVC in a temp git repo: `dvc repro` end to end on tiny data (ProGAN's, VQ-GAN's, DCGAN's, the
+semi-supervised GAN's and the test-only toyvae family's stages, all from the one generic dvc.yaml iterating `ganforge dvc-stages`), the no-op re-run,
 and a selective re-run after an eval param change (only evaluate and register run); the committed stage list
 matches params.yaml, and a stale one is refused."""
 
@@ -33,6 +33,9 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     p["train"].update(batch_size=16, checkpoint_kimg=1.0, log_every=2)
     p["train"]["progan"].update(fmap_max=16, fmap_base=64, latent_dim=16, transition_kimg=0.032, stabilize_kimg=0.032)
     p["train"]["toyvae"] = dict(stage_kimg=0.032, width=8)
+    p["train"]["dcgan"].update(width=8, latent_dim=8, kimg=0.032)
+    p["train"]["sgan"].update(width=8, latent_dim=8, kimg=0.032, num_classes=3)  # synthetic shapes: 3 classes
+    p["data"]["labelled_per_class"] = 4
     p["train"]["vqgan"].update(ch=8, ch_mult=[1, 2, 2], z_channels=8, embed_dim=8, n_embed=16, disc_start=2, disc_ch=8,
                                n_layer=1, n_head=2, n_embd=16, autoencoder_kimg=0.032, prior_kimg=0.032, token_workers=1)
     p["eval"].update(num_samples=8, kid_subsets=3, workers=1)
@@ -44,12 +47,14 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     _run(["dvc", "init", "-q"], repo, env)
     # the toy family lives in tests/plugins (an entry point, as a user's package): no edit of ganforge or dvc.yaml
     _run(["ganforge", "-q", "dvc-stages", "--pipeline", "demo=progan:runs/demo", "--pipeline", "vqgan=vqgan:runs/vqgan",
-          "--pipeline", "toy=toyvae:runs/toy"], repo, env)
+          "--pipeline", "toy=toyvae:runs/toy", "--pipeline", "dcgan=dcgan:runs/dcgan",
+          "--pipeline", "sgan=sgan:runs/sgan"], repo, env)
     out = _run(["dvc", "repro"], repo, env)
     for stage in ("shard", "train@demo-progan-r0004", "train@demo-progan-r0032", "evaluate@demo", "register@demo",
                   "train@vqgan-vqgan-1-autoencoder", "tokens@vqgan-vqgan-2-tokens", "train@vqgan-vqgan-3-prior",
                   "evaluate@vqgan", "register@vqgan", "train@toy-toyvae-1", "train@toy-toyvae-2", "evaluate@toy",
-                  "register@toy"):
+                  "register@toy", "train@dcgan-dcgan-r0032", "register@dcgan", "train@sgan-sgan-r0032",
+                  "evaluate@sgan", "register@sgan"):
         assert f"Running stage '{stage}'" in out, stage
     metrics = json.loads((repo / "runs/demo/eval/metrics.json").read_text())
     assert metrics["fid"] > 0 and metrics["protocol"] == "tf1" and metrics["num_samples"] == 8
@@ -65,14 +70,19 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     assert toy["name"] == "ganforge-toyvae" and toy["version"] == 1
     assert json.loads((repo / "runs/toy/eval/metrics.json").read_text())["fid"] > 0
     assert "loss_elbo" in (repo / "runs/toy/plots/toyvae-2.csv").read_text().splitlines()[0]
+    sg = json.loads((repo / "runs/sgan/eval/metrics.json").read_text())
+    assert sg["fid"] > 0 and 0 <= sg["accuracy"] <= 1 and 0 <= sg["baseline_accuracy"] <= 1
+    sreg = json.loads((repo / "runs/sgan/registered.json").read_text().strip().splitlines()[-1])
+    assert sreg["name"] == "ganforge-sgan" and sreg["promotion"]["metric"] == "accuracy"
+    assert json.loads((repo / "runs/dcgan/eval/metrics.json").read_text())["fid"] > 0
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], repo, env)
     assert "fid" in _run(["dvc", "metrics", "show"], repo, env)
     p["eval"]["num_samples"] = 10
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = _run(["dvc", "repro"], repo, env)
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-    assert sorted(ran) == ["evaluate@demo", "evaluate@toy", "evaluate@vqgan", "register@demo", "register@toy",
-                           "register@vqgan"], out
+    assert sorted(ran) == sorted(f"{s}@{p}" for s in ("evaluate", "register")
+                                 for p in ("demo", "toy", "vqgan", "dcgan", "sgan")), out
     assert json.loads((repo / "runs/demo/eval/metrics.json").read_text())["num_samples"] == 10
 
 

@@ -124,26 +124,42 @@ def test_flow_runs_a_family_from_outside_ganforge(harness, tmp_path):
     assert imgs.shape == (3, 8, 8, 3) and imgs.dtype == "uint8"
 
 
-def test_flow_registers_a_classifier_gated_on_accuracy(harness, tmp_path):
-    """A family whose product is a classifier (the semi-supervised GAN's shape): evaluation scores its accuracy
-    instead of sampling, the registry holds a model that takes images, and the gate compares accuracy, higher
-    being better, as params say."""
+@pytest.mark.parametrize("family", ["dcgan", "sgan"])
+def test_flow_runs_the_textbook_families(harness, tmp_path, family):
+    """The same flow trains, evaluates and registers CGAN (DCGAN, conditional, WGAN-GP: n_critic batches per
+    step) and the semi-supervised GAN, whose product is a classifier: evaluation reports its accuracy next to
+    the supervised-only baseline's and the generator's FID; the registry holds a model that takes images, and
+    the gate compares accuracy, higher being better, by the family's default."""
     import mlflow.pyfunc
     import numpy as np
 
     from ganforge.flows.pipeline import train_pipeline
     from ganforge.tasks.data import iter_split
-    from ganforge.tasks.registry import setup_mlflow
+    from ganforge.tasks.registry import sample_registered, setup_mlflow
 
-    base = tiny(tmp_path, "clf", family="toyclassifier", ema_half_life_kimg=0.02,
-                toyclassifier=dict(classes=10, width=8, stage_kimg=0.512)).model_dump(mode="json")
-    base["data"].update(source="digits", shards=str(tmp_path / "digits8"))  # labelled: 10 classes
-    p = Params.model_validate({**base, "registry": dict(gate_metric="accuracy", gate_direction="higher")})
+    section = dict(width=8, latent_dim=8, kimg=0.096, num_classes=3)  # synthetic shapes: 3 classes
+    if family == "dcgan":  # 2 steps of 5 critic batches of 16
+        section.update(conditional=True, loss="wasserstein-gp", kimg=0.16)
+    base = tiny(tmp_path, family, **{family: section}).model_dump(mode="json")
+    base["data"]["labelled_per_class"] = 4
+    p = Params.model_validate(base)
     r = train_pipeline(params=p, return_state=True).result()
-    assert r["fid"] is None and 0.3 < r["scores"]["accuracy"] <= 1.0  # 10 digits: chance is 0.1
-    assert r["model"] == "ganforge-toyclassifier" and r["promoted"]
+    assert r["fid"] > 0 and r["model"] == f"ganforge-{family}" and r["version"] == 1 and r["promoted"]
+    summary = json.loads((Path(p.train.out) / "summary.json").read_text())
+    assert summary["stages"][f"{family}-r0008"]["images_seen"] == section["kimg"] * 1000
     setup_mlflow(p.runtime)
+    if family == "dcgan":
+        imgs = sample_registered(f"models:/{r['model']}@champion", [0, 0, 0], labels=[0, 1, 2])
+        assert imgs.shape == (3, 8, 8, 3) and not np.array_equal(imgs[0], imgs[1])  # one seed, three classes
+        return
+    assert 0 <= r["scores"]["accuracy"] <= 1 and 0 <= r["scores"]["baseline_accuracy"] <= 1
     model = mlflow.pyfunc.load_model(f"models:/{r['model']}@champion")
-    imgs, labels = next(iter_split(p.data.shards, "val", 4))
+    assert model.metadata.get_model_info().flavors  # a pyfunc from uint8 images, with a signature
+    assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
+    imgs, _ = next(iter_split(p.data.shards, "val", 4))
     probs = np.asarray(model.predict(imgs))
-    assert probs.shape == (len(imgs), 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert probs.shape == (len(imgs), 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    from mlflow import MlflowClient
+
+    tags = MlflowClient().get_model_version(r["model"], r["version"]).tags
+    assert tags["promotion.metric"] == "accuracy (higher is better)"

@@ -4,8 +4,6 @@ PYTHONPATH, as installing a package would; Ray workers, CLI subprocesses and `dv
 
 - ``toyvae``: a small VAE trained by its ELBO, in two chained stages: a family without a discriminator,
   with family state (a KL warm-up counter) that must survive resume exactly.
-- ``toyclassifier``: a small CNN whose product is a classifier (the semi-supervised GAN's shape): registered as
-  a model that takes images, scored by accuracy, gated on it (higher is better).
 - ``toyinvert``: an image-to-image family (CycleGAN's shape) whose registered model translates images.
 - ``progan_faulty`` / ``vqgan_faulty``: ProGAN / VQ-GAN that kill their own worker once, at a configured
   stage, step and rank (a marker file makes it happen once): how the tests inject failures from outside
@@ -136,70 +134,7 @@ class ToyVAE(GANFamily):
         return ema["Dec"](z).float().clamp(-1, 1)
 
 
-# ----------------------------------------------------------------------------- a classifier and a translator
-
-
-class ToyClassifierParams(Section):
-    """A toy image classifier (tests): a product that is not a generator."""
-
-    classes: int = Field(10, ge=2)
-    width: int = Field(16, ge=4)
-    stage_kimg: float = Field(0.256, gt=0)
-    lr: float = Field(3e-3, gt=0)
-
-
-class ToyClassifier(GANFamily):
-    name = "toyclassifier"
-    Params = ToyClassifierParams
-    product = "classifier"
-    ema_modules = ("C",)
-    score_directions = {"accuracy": "higher"}
-
-    def __init__(self, params):
-        super().__init__(params)
-        self.num_classes = self.p.classes
-
-    def stages(self) -> list[StageSpec]:
-        return [StageSpec("toyclassifier", 0, self.params.resolution, self.p.stage_kimg)]
-
-    def build(self, stage):
-        w, r = self.p.width, stage.resolution
-        return {"C": nn.Sequential(nn.Conv2d(3, w, 3, 1, 1), nn.SiLU(), nn.AvgPool2d(2), nn.Flatten(),
-                                   nn.Linear(w * (r // 2) ** 2, self.p.classes))}
-
-    def optimizers(self, modules):
-        return {"C": torch.optim.Adam(modules["C"].parameters(), lr=self.p.lr)}
-
-    def train_step(self, modules, opts, batch, stage, ctx):
-        x, y = batch["image"], batch["label"]
-        keep = y >= 0
-        loss = F.cross_entropy(modules["C"](x[keep]), y[keep])
-        opts["C"].zero_grad(set_to_none=True)
-        loss.backward()
-        opts["C"].step()
-        return {"loss_ce": float(loss.detach())}
-
-    def plot_key(self, stage):
-        return "loss_ce"
-
-    def can_sample(self, stage) -> bool:
-        return False
-
-    def generate(self, ema, z, stage, labels=None, truncation=None, images_in_stage=None):
-        raise ValueError("toyclassifier classifies; it does not generate")
-
-    @torch.no_grad()
-    def classify(self, ema, stage, images):
-        return ema["C"](images).softmax(dim=1)
-
-    @torch.no_grad()
-    def extra_scores(self, ema, stage, batches) -> dict[str, float]:
-        right = total = 0
-        for b in batches():
-            keep = b["label"] >= 0
-            right += int((self.classify(ema, stage, b["image"][keep]).argmax(1) == b["label"][keep]).sum())
-            total += int(keep.sum())
-        return {"accuracy": right / total} if total else {}
+# ----------------------------------------------------------------------------- a translator
 
 
 class ToyInvertParams(Section):
