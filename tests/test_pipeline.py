@@ -140,7 +140,7 @@ def test_flow_runs_the_textbook_families(harness, tmp_path, family):
     section = dict(width=8, latent_dim=8, kimg=0.096, num_classes=3)  # synthetic shapes: 3 classes
     if family == "dcgan":  # 2 steps of 5 critic batches of 16
         section.update(conditional=True, loss="wasserstein-gp", kimg=0.16)
-    base = tiny(tmp_path, family, **{family: section}).model_dump(mode="json")
+    base = tiny(tmp_path, family, family=family, **{family: section}).model_dump(mode="json")
     base["data"]["labelled_per_class"] = 4
     p = Params.model_validate(base)
     r = train_pipeline(params=p, return_state=True).result()
