@@ -32,6 +32,7 @@ bench: install
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_vqgan.py
 	$(PY) benchmarks/bench_textbook.py
+	$(PY) benchmarks/bench_biggan.py
 
 # the same stages through DVC (dvc.yaml iterates dvc-stages.yaml, refreshed from params first); needs a git repository
 repro: install

@@ -278,6 +278,8 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
             _Flag("--seed", "data.seed", int, "shuffle seed"),
             _Flag("--image-format", "data.image_format", str, "npy (decode-free) or png"),
             _Flag("--download", "data.download", action="store_true", help="allow torchvision downloads"),
+            _Flag("--max-train-images", "data.max_train_images", int,
+                  "keep only the first N train images (small-data experiments; val unchanged)"),
             _Flag("--labelled-per-class", "data.labelled_per_class", int,
                   "also write a labelled split of N train images per class (semi-supervised families)"),
         ],

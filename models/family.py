@@ -172,6 +172,22 @@ class GANFamily(ABC):
         """The latent of one sample: N(0, I) from its own seed (independent of batch and worker)."""
         return torch.randn(self.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
 
+    def latent_for(self, seed: int, truncation: float | None = None) -> torch.Tensor:
+        """The latent of one sample under ``truncation``: a family whose truncation trick changes how z is drawn
+        (BigGAN's truncated normal) overrides this; by default, :meth:`latent`."""
+        return self.latent(seed)
+
+    def d_input(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """What a discriminator sees of ``x`` (real or generated): ``train.augment``'s policy (DiffAugment) with
+        fresh randomness from the step's generator; the images themselves when it is ``none``."""
+        from ganforge.models.augment import augment
+
+        return augment(getattr(self.params, "augment", "none"), x, ctx.generator)
+
+    def ema_start(self, stage: StageSpec) -> int:
+        """Real images into ``stage`` before which the EMA copies just follow the trained weights (BigGAN)."""
+        return 0
+
     def label_for(self, seed: int) -> int | None:
         """The class of the sample of ``seed`` when no label is given (uniform over classes, balanced)."""
         return int(seed) % self.num_classes if self.num_classes else None
@@ -183,7 +199,7 @@ class GANFamily(ABC):
         if truncation is not None and truncation != 1.0 and not self.supports_truncation:
             raise ValueError(f"family {self.name} has no truncation trick (got truncation={truncation})")
         dev = next((p.device for m in ema.values() for p in m.parameters()), torch.device("cpu"))
-        z = torch.stack([self.latent(s) for s in seeds]).to(dev)
+        z = torch.stack([self.latent_for(s, truncation) for s in seeds]).to(dev)
         lab = None
         if self.num_classes:
             raw = list(labels) if labels is not None else [self.label_for(s) for s in seeds]

@@ -76,14 +76,20 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
     else:
         fake = extract_features(gen, ev.protocol, workers=ev.workers, batch_size=ev.batch_size, progress=progress,
                                 runtime=runtime)
-        inputs = MetricInputs(ref, fake, lambda b: _read_slice(gen, 0, gen.count, b), ev)
-        for name in ev.metrics:
+        fake_labels = None
+        if family.num_classes:  # each sample's class, as sample() draws it: label_for(its seed)
+            fake_labels = np.array([family.label_for(gen.seed * 1_000_003 + j) for j in range(gen.count)])
+        inputs = MetricInputs(ref, fake, lambda b: _read_slice(gen, 0, gen.count, b), ev,
+                              real_labels=ref["labels"] if fake_labels is not None else None, fake_labels=fake_labels)
+        names = list(ev.metrics) + (["intra_fid"] if family.num_classes and "intra_fid" not in ev.metrics else [])
+        for name in names:
             out_m = METRICS[name].compute(inputs)
             result.update(out_m)
             scores[name] = out_m.get(name)
         shown = gen
     result.update({k: v for k, v in scores.items() if k not in result})
-    result["metrics"] = list(ev.metrics)
+    result["metrics"] = list(ev.metrics) + (["intra_fid"] if "intra_fid" in scores and "intra_fid" not in ev.metrics
+                                            else [])
     result["scores"] = {k: v for k, v in scores.items() if v is not None and np.isfinite(v)}
     result["directions"] = {k: direction(k) for k in result["scores"]}
     if out is not None:

@@ -176,7 +176,8 @@ def _atomic_save_npz(path: Path, **arrays) -> None:
 def reference_features(shards: str | Path, split: str, protocol: str, cache_dir: str | Path, *, workers: int = 1,
                        batch_size: int = 50, progress: bool = True, runtime: RuntimeParams | None = None
                        ) -> dict[str, Any]:
-    """Features + float64 stats of a shard split, cached on (manifest hash, split, resolution, protocol, count)."""
+    """Features, float64 stats and labels of a shard split, cached on (manifest hash, split, resolution, protocol,
+    count); per-class statistics (intra-class FID) come from the cached features and labels."""
     from ganforge.tasks.shard import manifest_hash, read_manifest
 
     s = image_set(str(shards), split)
@@ -188,15 +189,17 @@ def reference_features(shards: str | Path, split: str, protocol: str, cache_dir:
     if path.exists():
         try:
             with np.load(path) as z:
-                out = {k: z[k] for k in ("features", "mu", "sigma")}
+                out = {k: z[k] for k in ("features", "mu", "sigma", "labels")}
             log.info("reference statistics: cache hit %s", path)
             return {**out, "count": s.count, "cache": "hit", "cache_path": str(path), "key": key_src}
         except (OSError, ValueError, KeyError) as e:  # a damaged cache entry is recomputed, not trusted
             log.warning("reference cache %s unreadable (%s); recomputing", path, e)
     feats = extract_features(s, protocol, workers=workers, batch_size=batch_size, progress=progress, runtime=runtime)
     mu, sigma = feature_stats(feats)
-    _atomic_save_npz(path, features=feats, mu=mu, sigma=sigma, key=json.dumps(key_src))
-    return {"features": feats, "mu": mu, "sigma": sigma, "count": s.count, "cache": "miss", "cache_path": str(path), "key": key_src}
+    labels = np.concatenate([lab for _, lab in iter_split(shards, split, 1000)]).astype(np.int64)  # per-class FID
+    _atomic_save_npz(path, features=feats, mu=mu, sigma=sigma, labels=labels, key=json.dumps(key_src))
+    return {"features": feats, "mu": mu, "sigma": sigma, "labels": labels, "count": s.count, "cache": "miss",
+            "cache_path": str(path), "key": key_src}
 
 
 def fid_between(a: str, b: str, protocol: str = "tf1", *, workers: int = 1, batch_size: int = 50,

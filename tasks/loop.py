@@ -218,6 +218,7 @@ def run_stage(config: dict, session=None) -> dict:
     total = int(round(stage.kimg * 1000))
     every = max(1, int(round(params.checkpoint_kimg * 1000)))
     beta = 0.5 ** (params.batch_size / (params.ema_half_life_kimg * 1000)) if family.use_ema(stage) else 0.0
+    ema_start = family.ema_start(stage)
     grid_seeds = [params.seed * 1_000_003 + i for i in range(params.grid_size**2)]
     session.attach(Path(config["run_dir"]) if config.get("run_dir") else None, stage.name)
 
@@ -237,12 +238,13 @@ def run_stage(config: dict, session=None) -> dict:
                           dev, autocast, no_sync, next_batch)
         last = family.train_step(modules, opts, batch, stage, ctx)
         with torch.no_grad():
+            b = beta if images >= ema_start else 0.0  # before the EMA start, the copies follow the weights
             for k, e in ema.items():
                 if k in frozen:  # e.g. the prior stage's autoencoder: nothing changes
                     continue
                 src = _unwrap(modules[k])
                 for pe, p in zip(e.parameters(), src.parameters()):
-                    pe.lerp_(p.detach(), 1.0 - beta)
+                    pe.lerp_(p.detach(), 1.0 - b)
                 for be, b in zip(e.buffers(), src.buffers()):
                     be.copy_(b)
         prev_images = images

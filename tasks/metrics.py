@@ -140,6 +140,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
+def frechet_distance_features(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between two feature sets. When a set has fewer samples than dimensions (per-class FID), the covariances
+    are low-rank and tr sqrtm(S_a S_b) is the nuclear norm of X_a X_b^T / sqrt((n_a - 1)(n_b - 1)) for the centred
+    features X: exact, and O(n^2 d) instead of a d x d matrix square root."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"need at least 2 images for covariance statistics, got {min(len(a), len(b))}")
+    if min(len(a), len(b)) > a.shape[1]:
+        return frechet_distance(*feature_stats(a), *feature_stats(b))
+    xa, xb = a - a.mean(0), b - b.mean(0)
+    na, nb = len(a) - 1, len(b) - 1
+    diff = a.mean(0) - b.mean(0)
+    tr_sqrt = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / np.sqrt(na * nb)
+    return float(diff @ diff + (xa * xa).sum() / na + (xb * xb).sum() / nb - 2 * tr_sqrt)
+
+
 def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
                               seed: int = 0) -> tuple[float, float, int]:
     """Unbiased MMD^2 with the cubic polynomial kernel k(x,y) = (x.y/d + 1)^3, over random subsets."""
@@ -183,6 +199,8 @@ class MetricInputs:
     fake: np.ndarray  # features of the generated images
     fake_images: Callable[[int], Iterator[np.ndarray]]  # batches (of the given size) of generated uint8 NHWC
     options: Any  # EvalParams
+    real_labels: np.ndarray | None = None  # class of each reference image (-1: none); None: not class-conditional
+    fake_labels: np.ndarray | None = None  # class each generated image was sampled for
 
 
 @dataclass(frozen=True)
@@ -229,6 +247,31 @@ def _kid(x: MetricInputs) -> dict[str, Any]:
     o = x.options
     kid, kid_std, n = kernel_inception_distance(x.real["features"], x.fake, o.kid_subsets, o.kid_subset_size, o.seed)
     return {"kid": kid, "kid_std": kid_std, "kid_subset_size": n, "kid_subsets": o.kid_subsets}
+
+
+@register_metric("intra_fid", "lower", "intra-class FID: the mean over classes of per-class FID (conditional models)")
+def _intra_fid(x: MetricInputs) -> dict[str, Any]:
+    if x.fake_labels is None or x.real_labels is None:
+        return {"intra_fid": None, "intra_fid_unavailable": "not a class-conditional model"}
+    need = x.options.class_min_images
+    per: dict[str, float] = {}
+    short: dict[str, dict[str, int]] = {}
+    for c in sorted(set(int(v) for v in x.fake_labels)):
+        real = x.real["features"][x.real_labels == c]
+        fake = x.fake[x.fake_labels == c]
+        if min(len(real), len(fake)) < need:
+            short[str(c)] = {"reference": int(len(real)), "samples": int(len(fake))}
+            continue
+        per[str(c)] = frechet_distance_features(real, fake)
+    out: dict[str, Any] = {"intra_fid_classes": per, "intra_fid_too_few": short}
+    if short:
+        log.warning("intra-class FID: %d class(es) have fewer than %d reference images or samples (eval."
+                    "class_min_images) and are left out: %s", len(short), need, short)
+    if not per:
+        return {**out, "intra_fid": None, "intra_fid_unavailable":
+                f"no class has {need} reference images and samples (eval.class_min_images); use a larger split "
+                f"(eval.split: train) or more samples"}
+    return {**out, "intra_fid": float(np.mean(list(per.values())))}
 
 
 @register_metric("is", "higher", "Inception Score (Salimans et al. 2016); needs the 1008-way logits weights")

@@ -52,6 +52,9 @@ class DataParams(_Section):
     )
     download: bool = Field(False, description="allow torchvision datasets to download (network)")
     torchvision_root: str = Field("data/torchvision", description="where torchvision datasets live")
+    max_train_images: int | None = Field(
+        None, ge=1, description="keep only the first N train images of the seeded order (small-data experiments); "
+                                "the val split is unchanged; null: all")
     labelled_per_class: int | None = Field(
         None, ge=1, description="semi-supervised data: also write a 'labelled' split of this many train images per "
                                 "class (deterministic, class-balanced); null: none")
@@ -71,6 +74,8 @@ class _TrainBase(_Section):
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per Ray worker")
     xflip: bool = Field(False, description="random horizontal flips of real images")
+    augment: Literal["none", "diffaugment"] = Field(
+        "none", description="augmentation of what every discriminator sees (DiffAugment: small datasets)")
     seed: int = Field(0, ge=0, description="seed of initialisation, latents and data order (resume-exact)")
     amp: bool = Field(True, description="bf16/fp16 autocast when a GPU is used")
     grid_size: int = Field(8, ge=1, le=32, description="sample grid is grid_size x grid_size")
@@ -117,6 +122,9 @@ class EvalParams(_Section):
     )
     cache_dir: str = Field(".cache/ganforge/fid-stats", description="reference statistics cache")
     seed: int = Field(123, ge=0, description="seed of the generated samples (one per index) and KID subsets")
+    class_min_images: int = Field(
+        50, ge=2, description="intra-class FID: classes with fewer reference images or samples are reported, "
+                              "not averaged in")
 
 
 class RegistryParams(_Section):

@@ -84,6 +84,7 @@ class _SplitWriter:
         self.shards: list[dict] = []
         self._writer: wds.TarWriter | None = None
         self._n = 0
+        self.count = 0
 
     def write(self, sample: dict) -> None:
         if self._writer is None or self._n == self.shard_size:
@@ -96,6 +97,7 @@ class _SplitWriter:
             self._n = 0
         self._writer.write(sample)
         self._n += 1
+        self.count += 1
         self.shards[-1]["count"] += 1
 
     def _close(self) -> None:
@@ -149,6 +151,8 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
                 skipped.append({"path": cand.ref, "reason": reason})
                 continue
             split = "val" if pos < n_val else "train"
+            if split == "train" and data.max_train_images and writers["train"].count >= data.max_train_images:
+                continue  # data.max_train_images: a smaller train split, the same val split
             sample = {"__key__": f"s{int(order[pos]):08d}", ext: payload, "json": json.dumps({"source": cand.ref}).encode()}
             if cand.label is not None:
                 sample["cls"] = str(cand.label).encode()

@@ -1,5 +1,5 @@
 """Real DVC in a temp git repo: `dvc repro` end to end on tiny data (ProGAN's, VQ-GAN's, DCGAN's, the
-semi-supervised GAN's and the test-only toyvae family's stages, all from the one generic dvc.yaml iterating `ganforge dvc-stages`), the no-op re-run,
+semi-supervised GAN's, SAGAN's, BigGAN's and the test-only toyvae family's stages, all from the one generic dvc.yaml iterating `ganforge dvc-stages`), the no-op re-run,
 and a selective re-run after an eval param change (only evaluate and register run); the committed stage list
 matches params.yaml, and a stale one is refused."""
 
@@ -36,6 +36,8 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     p["train"]["dcgan"].update(width=8, latent_dim=8, kimg=0.032)
     p["train"]["sgan"].update(width=8, latent_dim=8, kimg=0.032, num_classes=3)  # synthetic shapes: 3 classes
     p["data"]["labelled_per_class"] = 4
+    for fam in ("sagan", "biggan"):
+        p["train"][fam].update(ch=4, latent_dim=12, attention=16, kimg=0.032, num_classes=3)
     p["train"]["vqgan"].update(ch=8, ch_mult=[1, 2, 2], z_channels=8, embed_dim=8, n_embed=16, disc_start=2, disc_ch=8,
                                n_layer=1, n_head=2, n_embd=16, autoencoder_kimg=0.032, prior_kimg=0.032, token_workers=1)
     p["eval"].update(num_samples=8, kid_subsets=3, workers=1)
@@ -48,13 +50,15 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     # the toy family lives in tests/plugins (an entry point, as a user's package): no edit of ganforge or dvc.yaml
     _run(["ganforge", "-q", "dvc-stages", "--pipeline", "demo=progan:runs/demo", "--pipeline", "vqgan=vqgan:runs/vqgan",
           "--pipeline", "toy=toyvae:runs/toy", "--pipeline", "dcgan=dcgan:runs/dcgan",
-          "--pipeline", "sgan=sgan:runs/sgan"], repo, env)
+          "--pipeline", "sgan=sgan:runs/sgan", "--pipeline", "sagan=sagan:runs/sagan",
+          "--pipeline", "biggan=biggan:runs/biggan"], repo, env)
     out = _run(["dvc", "repro"], repo, env)
     for stage in ("shard", "train@demo-progan-r0004", "train@demo-progan-r0032", "evaluate@demo", "register@demo",
                   "train@vqgan-vqgan-1-autoencoder", "tokens@vqgan-vqgan-2-tokens", "train@vqgan-vqgan-3-prior",
                   "evaluate@vqgan", "register@vqgan", "train@toy-toyvae-1", "train@toy-toyvae-2", "evaluate@toy",
                   "register@toy", "train@dcgan-dcgan-r0032", "register@dcgan", "train@sgan-sgan-r0032",
-                  "evaluate@sgan", "register@sgan"):
+                  "evaluate@sgan", "register@sgan", "train@sagan-sagan-r0032", "register@sagan",
+                  "train@biggan-biggan-r0032", "register@biggan"):
         assert f"Running stage '{stage}'" in out, stage
     metrics = json.loads((repo / "runs/demo/eval/metrics.json").read_text())
     assert metrics["fid"] > 0 and metrics["protocol"] == "tf1" and metrics["num_samples"] == 8
@@ -75,6 +79,9 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     sreg = json.loads((repo / "runs/sgan/registered.json").read_text().strip().splitlines()[-1])
     assert sreg["name"] == "ganforge-sgan" and sreg["promotion"]["metric"] == "accuracy"
     assert json.loads((repo / "runs/dcgan/eval/metrics.json").read_text())["fid"] > 0
+    for fam in ("sagan", "biggan"):
+        m = json.loads((repo / f"runs/{fam}/eval/metrics.json").read_text())
+        assert m["fid"] > 0 and "intra_fid" in m  # conditional: intra-class FID is always evaluated
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], repo, env)
     assert "fid" in _run(["dvc", "metrics", "show"], repo, env)
     p["eval"]["num_samples"] = 10
@@ -82,7 +89,7 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     out = _run(["dvc", "repro"], repo, env)
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
     assert sorted(ran) == sorted(f"{s}@{p}" for s in ("evaluate", "register")
-                                 for p in ("demo", "toy", "vqgan", "dcgan", "sgan")), out
+                                 for p in ("demo", "toy", "vqgan", "dcgan", "sgan", "sagan", "biggan")), out
     assert json.loads((repo / "runs/demo/eval/metrics.json").read_text())["num_samples"] == 10
 
 

@@ -32,7 +32,7 @@ def test_missing_params_file_is_named(tmp_path):
         ("train.family=stylegan9", "train.family", "progan"),
         ("data.colour=red", "data.colour", "unknown key"),
         ("train.progan.lr=0", "train.progan.lr", "greater than 0"),
-        ("eval.metrics=[fid,bogus]", "eval.metrics.1", "'fid', 'kid', 'is'"),  # + metrics of plugins
+        ("eval.metrics=[fid,bogus]", "eval.metrics.1", "'fid', 'kid', 'intra_fid', 'is'"),  # + metrics of plugins
         ("train.progan.betas=[0.5,1.5]", "train.progan.betas", "[0, 1)"),
     ],
 )

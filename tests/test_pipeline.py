@@ -124,10 +124,11 @@ def test_flow_runs_a_family_from_outside_ganforge(harness, tmp_path):
     assert imgs.shape == (3, 8, 8, 3) and imgs.dtype == "uint8"
 
 
-@pytest.mark.parametrize("family", ["dcgan", "sgan"])
-def test_flow_runs_the_textbook_families(harness, tmp_path, family):
+@pytest.mark.parametrize("family", ["dcgan", "sgan", "sagan", "biggan"])
+def test_flow_runs_the_gan_families(harness, tmp_path, family):
     """The same flow trains, evaluates and registers CGAN (DCGAN, conditional, WGAN-GP: n_critic batches per
-    step) and the semi-supervised GAN, whose product is a classifier: evaluation reports its accuracy next to
+    step), SAGAN and BigGAN (class-conditional: intra-class FID beside FID; BigGAN's D steps, truncation in the
+    pyfunc) and the semi-supervised GAN, whose product is a classifier: evaluation reports its accuracy next to
     the supervised-only baseline's and the generator's FID; the registry holds a model that takes images, and
     the gate compares accuracy, higher being better, by the family's default."""
     import mlflow.pyfunc
@@ -137,20 +138,41 @@ def test_flow_runs_the_textbook_families(harness, tmp_path, family):
     from ganforge.tasks.data import iter_split
     from ganforge.tasks.registry import sample_registered, setup_mlflow
 
-    section = dict(width=8, latent_dim=8, kimg=0.096, num_classes=3)  # synthetic shapes: 3 classes
+    section = dict(latent_dim=8, kimg=0.096, num_classes=3)  # synthetic shapes: 3 classes
     if family == "dcgan":  # 2 steps of 5 critic batches of 16
         section.update(conditional=True, loss="wasserstein-gp", kimg=0.16)
-    base = tiny(tmp_path, family, family=family, **{family: section}).model_dump(mode="json")
+    conditional = family in ("sagan", "biggan")
+    if conditional:  # on digits: 10 classes
+        section.update(ch=4, attention=8, latent_dim=12, num_classes=10)
+    else:
+        section["width"] = 8
+    base = tiny(tmp_path, family, family=family, augment="diffaugment" if family == "biggan" else "none",
+                **{family: section}).model_dump(mode="json")
     base["data"]["labelled_per_class"] = 4
+    base["eval"].update(num_samples=30 if conditional else 12, class_min_images=2)
+    if conditional:
+        base["data"].update(source="digits", shards=str(tmp_path / "digits8"))
     p = Params.model_validate(base)
     r = train_pipeline(params=p, return_state=True).result()
     assert r["fid"] > 0 and r["model"] == f"ganforge-{family}" and r["version"] == 1 and r["promoted"]
     summary = json.loads((Path(p.train.out) / "summary.json").read_text())
     assert summary["stages"][f"{family}-r0008"]["images_seen"] == section["kimg"] * 1000
     setup_mlflow(p.runtime)
-    if family == "dcgan":
+    if family != "sgan":  # class-conditional generators
         imgs = sample_registered(f"models:/{r['model']}@champion", [0, 0, 0], labels=[0, 1, 2])
-        assert imgs.shape == (3, 8, 8, 3) and not np.array_equal(imgs[0], imgs[1])  # one seed, three classes
+        assert imgs.shape == (3, 8, 8, 3)
+        if family != "sagan":  # SAGAN's per-class BatchNorm gains start at 0: labels matter once it has trained
+            assert not np.array_equal(imgs[0], imgs[1])  # one seed, three classes
+        with pytest.raises(Exception, match=r"labels must be in \[0, "):
+            sample_registered(f"models:/{r['model']}@champion", [0], labels=[section["num_classes"]])
+        # intra-class FID over the classes with enough val images; the others are named, not averaged in
+        ev = json.loads((Path(p.train.out) / "eval" / "evaluation.json").read_text())
+        assert r["scores"]["intra_fid"] > 0
+        classes = {str(c) for c in range(section["num_classes"])}
+        assert set(ev["intra_fid_classes"]) | set(ev["intra_fid_too_few"]) == classes
+        if family == "biggan":  # the truncation trick through the registered model
+            t = sample_registered(f"models:/{r['model']}@champion", [0, 1], truncation=0.5, labels=[0, 1])
+            assert t.shape == (2, 8, 8, 3) and not np.array_equal(t[0], imgs[0])
         return
     assert 0 <= r["scores"]["accuracy"] <= 1 and 0 <= r["scores"]["baseline_accuracy"] <= 1
     model = mlflow.pyfunc.load_model(f"models:/{r['model']}@champion")

@@ -254,13 +254,14 @@ class DCGAN(GANFamily):
             with torch.no_grad(), ctx.autocast():
                 fake = G(z, y)  # conditional: fakes of the real batch's classes
             fake = fake.float()
+            real_in, fake_in = self.d_input(real, ctx), self.d_input(fake, ctx)  # train.augment (DiffAugment)
             with ctx.autocast():
-                d_real = D(noisy(real), y).float()
-                d_fake = D(noisy(fake), y).float()
+                d_real = D(noisy(real_in), y).float()
+                d_fake = D(noisy(fake_in), y).float()
             d_loss = losses.d_loss(adv, d_real, d_fake, target)
             if p.loss == "wasserstein-gp":
                 eps = torch.rand(n, 1, 1, 1, generator=gen).to(dev)
-                penalty = regularizers.gradient_penalty(lambda x: D(x, y), real, fake, eps, ctx.autocast)
+                penalty = regularizers.gradient_penalty(lambda x: D(x, y), real_in, fake_in, eps, ctx.autocast)
                 d_loss = d_loss + p.gp_lambda * penalty
             opts["D"].zero_grad(set_to_none=True)
             d_loss.backward()
@@ -275,10 +276,10 @@ class DCGAN(GANFamily):
             with ctx.autocast():
                 if p.feature_matching:
                     with torch.no_grad():
-                        _, f_real = D(noisy(real), y, features=True)
-                    d_gen, f_fake = D(noisy(G(z, y)), y, features=True)
+                        _, f_real = D(noisy(self.d_input(real, ctx)), y, features=True)
+                    d_gen, f_fake = D(noisy(self.d_input(G(z, y), ctx)), y, features=True)
                 else:
-                    d_gen = D(noisy(G(z, y)), y)
+                    d_gen = D(noisy(self.d_input(G(z, y), ctx)), y)
             g_loss = feature_matching_loss(f_real, f_fake) if p.feature_matching else losses.g_loss(adv, d_gen.float())
             opts["G"].zero_grad(set_to_none=True)
             g_loss.backward()

@@ -221,19 +221,20 @@ class ProGAN(GANFamily):
             fake = G(z, alpha)
         fake = fake.float()
         if p.loss == "wgan-gp":
+            real_in, fake_in = self.d_input(real, ctx), self.d_input(fake, ctx)
             with ctx.autocast():
-                d_real = D(real, alpha).float()
-                d_fake = D(fake, alpha).float()
+                d_real = D(real_in, alpha).float()
+                d_fake = D(fake_in, alpha).float()
             eps = torch.rand(n, 1, 1, 1, generator=gen).to(dev)
-            penalty = regularizers.gradient_penalty(lambda x: D(x, alpha), real, fake, eps, ctx.autocast)
+            penalty = regularizers.gradient_penalty(lambda x: D(x, alpha), real_in, fake_in, eps, ctx.autocast)
             d_loss = (losses.d_loss(adv, d_real, d_fake) + p.gp_lambda * penalty
                       + p.drift * regularizers.drift_penalty(d_real))
             metrics["wasserstein"] = float((d_real.mean() - d_fake.mean()).detach())
         else:
             real = real.detach().requires_grad_(True)
             with ctx.autocast():
-                d_real = D(real, alpha).float()
-                d_fake = D(fake, alpha).float()
+                d_real = D(self.d_input(real, ctx), alpha).float()
+                d_fake = D(self.d_input(fake, ctx), alpha).float()
             penalty = regularizers.r1_penalty(d_real, real)
             d_loss = losses.d_loss(adv, d_real, d_fake) + 0.5 * p.r1_gamma * penalty
         opts["D"].zero_grad(set_to_none=True)
@@ -244,7 +245,7 @@ class ProGAN(GANFamily):
         z = torch.randn(n, p.latent_dim, generator=gen).to(dev)
         with ctx.no_sync(D):
             with ctx.autocast():
-                d_gen = D(G(z, alpha), alpha).float()
+                d_gen = D(self.d_input(G(z, alpha), ctx), alpha).float()
             g_loss = losses.g_loss(adv, d_gen)
             opts["G"].zero_grad(set_to_none=True)
             g_loss.backward()

@@ -130,9 +130,10 @@ class SGAN(GANFamily):
             fake = G(z).float()
 
         # --- D: supervised CE over the K classes on labelled images + the GAN loss on every real image and fakes
+        x_in = self.d_input(x, ctx)  # train.augment (DiffAugment); the baseline sees the same images
         with ctx.autocast():
-            l_real = D(x).float()
-            l_fake = D(fake).float()
+            l_real = D(x_in).float()
+            l_fake = D(self.d_input(fake, ctx)).float()
         sup = F.cross_entropy(l_real[lab, :-1], y[lab])
         unsup = losses.d_loss("minimax", self.real_logit(l_real), self.real_logit(l_fake))
         d_loss = sup + p.unsupervised_weight * unsup
@@ -146,7 +147,7 @@ class SGAN(GANFamily):
         # --- the baseline: the same architecture, the same labelled images, cross-entropy only
         if "C" in modules:
             with ctx.autocast():
-                l_c = modules["C"](x[lab]).float()
+                l_c = modules["C"](x_in[lab]).float()
             c_loss = F.cross_entropy(l_c[:, :-1], y[lab])
             opts["C"].zero_grad(set_to_none=True)
             c_loss.backward()
@@ -159,11 +160,11 @@ class SGAN(GANFamily):
             with ctx.autocast():
                 if p.g_loss == "feature-matching":
                     with torch.no_grad():
-                        _, f_real = D(x, features=True)
-                    _, f_fake = D(G(z), features=True)
+                        _, f_real = D(x_in, features=True)
+                    _, f_fake = D(self.d_input(G(z), ctx), features=True)
                     g_loss = feature_matching_loss(f_real, f_fake)
                 else:
-                    g_loss = losses.g_loss("non-saturating", self.real_logit(D(G(z)).float()))
+                    g_loss = losses.g_loss("non-saturating", self.real_logit(D(self.d_input(G(z), ctx)).float()))
             opts["G"].zero_grad(set_to_none=True)
             g_loss.backward()
         opts["G"].step()

@@ -395,7 +395,7 @@ class VQGAN(GANFamily):
         if gan_on:
             with ctx.no_sync(D):  # D's gradients from the generator pass are local and discarded
                 with ctx.autocast():
-                    g_loss = losses.g_loss("hinge", D(rec).float())
+                    g_loss = losses.g_loss("hinge", D(self.d_input(rec, ctx)).float())
                 last = inner.last_layer()
                 (g_rec,) = torch.autograd.grad(rec_loss, last, retain_graph=True)
                 (g_gan,) = torch.autograd.grad(g_loss, last, retain_graph=True)
@@ -410,7 +410,7 @@ class VQGAN(GANFamily):
         opts["VQ"].step()
         if gan_on:
             with ctx.autocast():
-                d_real, d_fake = D(real).float(), D(rec.detach()).float()
+                d_real, d_fake = D(self.d_input(real, ctx)).float(), D(self.d_input(rec.detach(), ctx)).float()
             d_loss = 0.5 * losses.d_loss("hinge", d_real, d_fake)  # taming's 0.5 factor
             opts["D"].zero_grad(set_to_none=True)
             d_loss.backward()
