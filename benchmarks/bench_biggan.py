@@ -35,7 +35,7 @@ def main() -> None:
 
     def params(res: int, **train) -> Params:
         return Params.model_validate({"train": dict(
-            family="biggan", resolution=res, batch_size=32, checkpoint_kimg=1000, log_every=5, **train,
+            family="biggan", resolution=res, batch_size=32, checkpoint_kimg=1000, log_every=2, **train,
             biggan=dict(ch=a.ch, kimg=a.kimg, d_steps=2, attention=16))})
 
     def cfg(p: Params, threads: int) -> dict:
