@@ -177,6 +177,16 @@ class GANFamily(ABC):
         (BigGAN's truncated normal) overrides this; by default, :meth:`latent`."""
         return self.latent(seed)
 
+    def batch_labels(self, batch: Batch) -> torch.Tensor | None:
+        """The batch's labels for a class-conditional step (None when unconditional); every image must have one."""
+        if not self.num_classes:
+            return None
+        y = batch["label"]
+        if bool((y < 0).any()) or bool((y >= self.num_classes).any()):
+            raise ValueError(f"conditional {self.name} needs every image labelled in [0, {self.num_classes}); "
+                             f"got labels {sorted(set(y.tolist()))[:5]}")
+        return y
+
     def d_input(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """What a discriminator sees of ``x`` (real or generated): ``train.augment``'s policy (DiffAugment) with
         fresh randomness from the step's generator; the images themselves when it is ``none``."""

@@ -189,14 +189,6 @@ class SAGAN(GANFamily):
     def plot_key(self, stage: StageSpec) -> str:
         return "loss_d"
 
-    def _labels(self, batch) -> torch.Tensor | None:
-        if not self.num_classes:
-            return None
-        y = batch["label"]
-        if bool((y < 0).any()) or bool((y >= self.num_classes).any()):
-            raise ValueError(f"conditional {self.name} needs every image labelled in [0, {self.num_classes})")
-        return y
-
     def g_regularizer(self, G: nn.Module) -> torch.Tensor | None:
         return None
 
@@ -209,7 +201,7 @@ class SAGAN(GANFamily):
 
         for i in range(p.d_steps):
             b = batch if i == 0 else ctx.next_batch()
-            real, y = b["image"], self._labels(b)
+            real, y = b["image"], self.batch_labels(b)
             z = torch.randn(real.shape[0], p.latent_dim, generator=gen).to(dev)
             with torch.no_grad(), ctx.autocast():
                 fake = G(z, y).float()
@@ -221,7 +213,7 @@ class SAGAN(GANFamily):
             d_loss.backward()
             opts["D"].step()
 
-        y = self._labels(batch)
+        y = self.batch_labels(batch)
         z = torch.randn(batch["image"].shape[0], p.latent_dim, generator=gen).to(dev)
         with ctx.no_sync(D):
             with ctx.autocast():

@@ -219,15 +219,6 @@ class DCGAN(GANFamily):
     def plot_key(self, stage: StageSpec) -> str:
         return "loss_d"
 
-    def _labels(self, batch) -> torch.Tensor | None:
-        if not self.num_classes:
-            return None
-        y = batch["label"]
-        if bool((y < 0).any()) or bool((y >= self.num_classes).any()):
-            raise ValueError(f"conditional {self.name} needs every image labelled in [0, {self.num_classes}); "
-                             f"got labels {sorted(set(y.tolist()))[:5]}")
-        return y
-
     def instance_noise(self, stage: StageSpec, images_in_stage: int) -> float:
         """The noise std at this point of the stage: linear decay from ``instance_noise`` to 0."""
         if not self.p.instance_noise:
@@ -248,7 +239,7 @@ class DCGAN(GANFamily):
         penalty = torch.zeros(())
         for i in range(s["n_critic"]):  # every critic update sees a fresh real batch
             b = batch if i == 0 else ctx.next_batch()
-            real, y = b["image"], self._labels(b)
+            real, y = b["image"], self.batch_labels(b)
             n = real.shape[0]
             z = torch.randn(n, p.latent_dim, generator=gen).to(dev)
             with torch.no_grad(), ctx.autocast():
@@ -270,7 +261,7 @@ class DCGAN(GANFamily):
                 clip_weights(D, p.clip)
 
         # --- generator: one update on the first batch's labels (D's gradients from this pass are discarded)
-        real, y = batch["image"], self._labels(batch)
+        real, y = batch["image"], self.batch_labels(batch)
         z = torch.randn(real.shape[0], p.latent_dim, generator=gen).to(dev)
         with ctx.no_sync(D):
             with ctx.autocast():
