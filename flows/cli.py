@@ -194,8 +194,13 @@ def cmd_sample(args: argparse.Namespace, params: Params) -> dict:
     setup_mlflow(params.runtime)
     labels = [args.label] * args.n if args.label is not None else None
     imgs = sample_registered(args.model, list(range(args.seed, args.seed + args.n)), args.truncation, labels)
-    nrow = max(1, int(round(args.n ** 0.5)))
-    save_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, args.out, nrow=nrow)
+    if str(args.out).endswith(".npy"):  # the images themselves, byte for byte what the pyfunc returns
+        import numpy as np
+
+        np.save(args.out, imgs)
+    else:
+        nrow = max(1, int(round(args.n ** 0.5)))
+        save_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, args.out, nrow=nrow)
     return {"model": args.model, "n": args.n, "out": args.out, "shape": list(imgs.shape)}
 
 
@@ -340,7 +345,8 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ganforge", description="GAN training as reproducible, distributed pipelines")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug lines, other libraries' INFO lines and Ray worker output in the terminal")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
     for name, (fn, flags, help_) in COMMANDS.items():
@@ -382,7 +388,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncation", type=float, default=1.0,
                    help="the family's truncation (StyleGAN: psi toward w_avg; VQ-GAN: nucleus mass); 1: off")
     p.add_argument("--label", type=int, default=None, help="class of every image (class-conditional models)")
-    p.add_argument("--out", default="grid.png")
+    p.add_argument("--out", default="grid.png", help="a grid image (.png), or the uint8 images N x H x W x 3 (.npy)")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -452,12 +458,13 @@ def failure(exc: BaseException) -> tuple[int, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from ganforge.tasks.console import configure
+    from ganforge.tasks.runtime import apply_prefect_api_url
+
+    configure(verbose=args.verbose, progress=not args.quiet)
     try:
         params = resolve_params(args)
+        apply_prefect_api_url(params.runtime)
         result = args._fn(args, params)
     except KeyboardInterrupt:
         print(f"ganforge {args.command}: interrupted; a re-run resumes what was checkpointed", file=sys.stderr)

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from ganforge.tasks.params import Params, flatten, load_params
+from ganforge.tasks.runtime import prefect_api_applied
 
-# Prefect reads its settings at import: apply runtime.prefect_api_url first when set in params.yaml.
-if "PREFECT_API_URL" not in os.environ:
+# Prefect reads its settings at import: apply runtime.prefect_api_url first (the CLI has already applied its
+# own --set value; a value in params.yaml wins over PREFECT_API_URL, which wins over the default).
+if not prefect_api_applied():
     try:
         _url = load_params().runtime.prefect_api_url
     except Exception:  # noqa: BLE001 - a broken params.yaml is reported by the flow, not at import

@@ -189,16 +189,25 @@ def load_generator(checkpoint: str | Path, device: str = "cpu") -> tuple[GANFami
     require_complete(checkpoint)  # before a remote one is downloaded
     with checkpoint_dir(str(checkpoint)) as d:
         state = load_state(d, validated=True)
-    tp = TrainParams.model_validate(state["params"])
+    family, stage, ema = build_generator(state["params"], state["stage"], state["ema"], state.get("family_state"),
+                                         device)
+    return family, stage, ema, state
+
+
+def build_generator(train_params: dict, stage_name: str, ema_state: dict, family_state: dict | None,
+                    device: str = "cpu") -> tuple[GANFamily, StageSpec, dict]:
+    """(family, stage, EMA modules in eval mode) rebuilt from the training params and the EMA state dicts (a
+    checkpoint's, or an exported model's)."""
+    tp = TrainParams.model_validate(train_params)
     family = get_family(tp)
-    stage = next((s for s in family.stages() if s.name == state["stage"]), None)
+    stage = next((s for s in family.stages() if s.name == stage_name), None)
     if stage is None:
-        raise ValueError(f"checkpoint stage {state['stage']} is not a stage of its own params")
+        raise ValueError(f"checkpoint stage {stage_name} is not a stage of its own params")
     modules = family.build(stage)
     ema = {k: modules[k] for k in family.ema_names(stage)}
     for k, m in ema.items():
-        m.load_state_dict(state["ema"][k])
+        m.load_state_dict(ema_state[k])
         m.to(device).eval().requires_grad_(False)
-    if state.get("family_state"):
-        family.load_state_dict(state["family_state"])
-    return family, stage, ema, state
+    if family_state:
+        family.load_state_dict(family_state)
+    return family, stage, ema

@@ -17,7 +17,7 @@ import torch
 from ganforge.tasks.checkpoint import STATE, load_generator
 from ganforge.tasks.images import ImageSet, _read_slice, extract_features, reference_features
 from ganforge.tasks.io import write_json
-from ganforge.tasks.metrics import METRICS, PROTOCOLS, MetricInputs, feature_stats, frechet_distance
+from ganforge.tasks.metrics import FEATURE_DIM, METRICS, PROTOCOLS, MetricInputs, feature_stats, frechet_distance
 from ganforge.tasks.params import EvalParams, RuntimeParams
 from ganforge.tasks.shard import manifest_hash, verify_shards
 
@@ -58,6 +58,10 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
     result["family"], result["stage"] = family.name, stage.name
     scores: dict[str, float | None] = {}
     gen = ImageSet("generator", str(checkpoint), count=ev.num_samples, seed=ev.seed)
+    if ev.num_samples < FEATURE_DIM:
+        log.warning("%d samples < %d Inception features: the covariance is rank-deficient and FID biased upward; "
+                    "compare FIDs only at the same sample count (the published protocol uses 50,000)",
+                    ev.num_samples, FEATURE_DIM)
     # what samples.png shows: samples, or (below) reconstructions / translations, or the reference images
     shown = ImageSet("shards", str(shards), split=ev.split, count=int(ref["count"]))
     if family.can_reconstruct(stage):

@@ -124,42 +124,57 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, min_size: int =
     save_image(images.add(1).div(2).clamp(0, 1), str(path), nrow=nrow, padding=1)
 
 
-def _features_of_slice(s: ImageSet, start: int, stop: int, protocol: str, batch: int) -> np.ndarray:
+def _features_of_slice(s: ImageSet, start: int, stop: int, protocol: str, batch: int, bar=None) -> np.ndarray:
     ex = FeatureExtractor(protocol, batch)
-    feats = [ex(imgs) for imgs in _read_slice(s, start, stop, batch)]
+    feats = []
+    for imgs in _read_slice(s, start, stop, batch):
+        feats.append(ex(imgs))
+        if bar is not None:
+            bar.update(len(imgs))
     return np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM), np.float32)
+
+
+class _FeatureWorker:
+    """A Ray actor holding one feature extractor, fed slices of an image set (the bar counts images)."""
+
+    def __init__(self, protocol: str, batch: int):
+        self.protocol, self.batch = protocol, batch
+
+    def run(self, s: ImageSet, start: int, stop: int) -> np.ndarray:
+        return _features_of_slice(s, start, stop, self.protocol, self.batch)
 
 
 def extract_features(s: ImageSet, protocol: str = "tf1", *, workers: int = 1, batch_size: int = 50,
                      progress: bool = True, runtime: RuntimeParams | None = None) -> np.ndarray:
-    """Features of every image of ``s`` in order; slices run as Ray tasks when workers > 1 (on the Ray that
-    ``runtime`` names, when this process has not started one)."""
+    """Features of every image of ``s`` in order; with workers > 1, slices go to that many Ray actors (on the
+    Ray that ``runtime`` names, when this process has not started one). The progress bar counts images."""
+    from ganforge.tasks.console import bar
+
     n = s.count
     if n == 0:
         raise ValueError(f"image set {s.path} is empty")
     workers = max(1, min(workers, n))
-    bounds = np.linspace(0, n, workers + 1).astype(int)
-    parts = list(zip(bounds[:-1], bounds[1:]))
     log.info("extracting %s features of %d images (%s) on %d worker(s)", protocol, n, s.kind, workers)
-    if workers == 1:
-        return _features_of_slice(s, 0, n, protocol, batch_size)
-    import ray
+    with bar(n, f"features {s.kind}", "img", disable=not progress) as b:
+        if workers == 1:
+            return _features_of_slice(s, 0, n, protocol, batch_size, b)
+        import ray
+        from ray.util import ActorPool
 
-    if not ray.is_initialized():
-        init_ray(runtime or RuntimeParams())
-    remote = ray.remote(num_cpus=1)(_features_of_slice)
-    refs = [remote.remote(s, int(a), int(b), protocol, batch_size) for a, b in parts]
-    from tqdm import tqdm
-
-    done = {}
-    pending = list(refs)
-    with tqdm(total=len(refs), desc=f"features {s.kind}", unit="part", disable=not progress) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for r in ready:
-                done[r] = ray.get(r)
-                bar.update(1)
-    return np.concatenate([done[r] for r in refs])
+        if not ray.is_initialized():
+            init_ray(runtime or RuntimeParams())
+        step = max(batch_size, -(-n // (workers * 4)))  # a few slices per actor: the bar moves, the load balances
+        bounds = [(a, min(n, a + step)) for a in range(0, n, step)]
+        actors = [ray.remote(num_cpus=1)(_FeatureWorker).remote(protocol, batch_size) for _ in range(workers)]
+        out = []
+        try:
+            for (a, z), feats in zip(bounds, ActorPool(actors).map(lambda w, ab: w.run.remote(s, *ab), bounds)):
+                out.append(feats)
+                b.update(z - a)
+        finally:
+            for w in actors:
+                ray.kill(w)
+        return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- reference cache

@@ -291,7 +291,19 @@ def run_stage(config: dict, session=None) -> dict:
 
 
 def ray_train_loop(config: dict) -> None:
-    """Entry point of every Ray Train worker."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Entry point of every Ray Train worker: its log goes to ``<run_dir>/logs/<stage>.rank<r>.log``."""
+    import ray.train
+
+    from ganforge.tasks.console import FORMAT, worker_logging
+
+    logging.basicConfig(level=logging.INFO, format=FORMAT)
+    tp = config["params"]
+    stage = config.get("stage_name") or f"stage{config['stage']}"
+    worker_logging(config.get("run_dir"), stage, ray.train.get_context().get_world_rank(),
+                   bool(config.get("verbose")))
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    run_stage(config, RaySession())
+    try:
+        run_stage(config, RaySession())
+    except BaseException:
+        log.exception("stage %s failed on this worker (family %s)", stage, tp.get("family"))
+        raise

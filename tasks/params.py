@@ -139,7 +139,17 @@ class RegistryParams(_Section):
     champion_alias: str = Field("champion", description="alias the gate moves to a better version")
 
 
+# Each tool's own variable beats a params *default*, never a value set in params.yaml, --set or the UI. Read as
+# the user's shell set them, when ganforge is imported: MLflow itself exports MLFLOW_TRACKING_URI later.
+STANDARD_ENV = {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "prefect_api_url": "PREFECT_API_URL",
+                "ray_address": "RAY_ADDRESS"}
+_USER_ENV = {field: (os.environ.get(var) or "").strip() for field, var in STANDARD_ENV.items()}
+
+
 class RuntimeParams(_Section):
+    """Where things run and are recorded. ``MLFLOW_TRACKING_URI``, ``PREFECT_API_URL`` and ``RAY_ADDRESS``
+    take the place of a default here; a value set in params wins over them."""
+
     ray_address: str | None = Field(None, description="None: local Ray; 'auto' or ray://host:port for a cluster")
     ray_storage: str | None = Field(
         None, description="Ray Train storage root (shared folder or s3://...); None: RUN_DIR/ray"
@@ -150,6 +160,20 @@ class RuntimeParams(_Section):
     prefect_api_url: str | None = Field(None, description="None: Prefect's local server")
     dvc_remote: str | None = Field(None, description="DVC remote URL (local folder, s3://...)")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...); None: AWS")
+
+    @model_validator(mode="after")
+    def _standard_environment(self):
+        for field in STANDARD_ENV:
+            if _USER_ENV[field] and getattr(self, field) == type(self).model_fields[field].default:
+                self.__dict__[field] = _USER_ENV[field]
+        return self
+
+    def source(self, field: str) -> str:
+        """Where the value of ``field`` came from: its environment variable, params, or the default."""
+        value = getattr(self, field)
+        if field in STANDARD_ENV and _USER_ENV[field] and value == _USER_ENV[field]:
+            return f"{STANDARD_ENV[field]} in the environment"
+        return "the default" if value == type(self).model_fields[field].default else "params"
 
 
 class Params(_Section):

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,9 @@ import numpy as np
 
 from ganforge.tasks.checkpoint import load_generator
 from ganforge.tasks.errors import GanforgeError, InputError, RegistryError
+from ganforge.tasks.export import export_model, predict, predict_images  # noqa: F401 - predict*: legacy models
 from ganforge.tasks.history import read_history
 from ganforge.tasks.io import redact, sha256_file, sha256_json
-from ganforge.tasks.metrics import quantize
 from ganforge.tasks.params import Params, RuntimeParams, flatten
 
 log = logging.getLogger("ganforge.registry")
@@ -54,6 +55,9 @@ def _retry(fn, *args, tries: int = 8, **kwargs):
             time.sleep(0.2 * 2**i)
 
 
+_ANNOUNCED: set[str] = set()
+
+
 def setup_mlflow(runtime: RuntimeParams) -> str:
     """Point MLflow at the configured store and make sure the experiment exists (returns its id)."""
     import mlflow
@@ -64,6 +68,9 @@ def setup_mlflow(runtime: RuntimeParams) -> str:
     uri = runtime.mlflow_tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if uri not in _ANNOUNCED:
+        _ANNOUNCED.add(uri)
+        log.info("MLflow: %s (from %s)", redact(uri), runtime.source("mlflow_tracking_uri"))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with _sqlite_first_use_lock(uri):  # two first users of a fresh sqlite store would both create its tables
@@ -257,73 +264,10 @@ def start_pipeline_run(params: Params, shards: str | Path, run_name: str | None 
 
 # ----------------------------------------------------------------------------- the pyfunc model
 
-def _python_model_class():
-    import mlflow.pyfunc
-
-    class _GanforgeModel(mlflow.pyfunc.PythonModel):
-        """A checkpoint's EMA modules behind the family's product: a generator takes seeds (+ optional label,
-        truncation) and returns uint8 images N x H x W x 3; a translator takes uint8 images and returns
-        translated ones; a classifier takes uint8 images and returns class probabilities N x K."""
-
-        def load_context(self, context):
-            from ganforge.tasks.checkpoint import load_generator
-
-            self.family, self.stage, self.ema, _ = load_generator(context.artifacts["checkpoint"])
-
-        def predict(self, context, model_input, params=None):
-            from ganforge.tasks.registry import predict
-
-            return predict(self.family, self.stage, self.ema, model_input)
-
-    return _GanforgeModel
-
-
-def predict(family, stage, ema, model_input) -> np.ndarray:
-    """What the registered model does, by the family's product."""
-    if family.product == "generator":
-        return predict_images(family, stage, ema, model_input)
-    import torch
-
-    from ganforge.tasks.data import to_model_input
-
-    arr = np.asarray(model_input)
-    r = stage.resolution
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[1] != arr.shape[2] \
-            or arr.shape[1] % r:
-        raise ValueError(f"{family.product} input must be uint8 images N x H x W x 3 with H = W a multiple of {r}, "
-                         f"got {arr.dtype} {arr.shape}")
-    x = to_model_input(np.ascontiguousarray(arr), r)
-    with torch.inference_mode():
-        if family.product == "translator":
-            return quantize(family.translate(ema, stage, x)).numpy()
-        if family.product == "classifier":
-            return family.classify(ema, stage, x).float().numpy()
-    raise ValueError(f"family {family.name} has an unknown product {family.product!r}")
-
-
-def predict_images(family, stage, ema, model_input) -> np.ndarray:
-    """The pyfunc's predict: a frame with ``seed`` and optional ``label`` and ``truncation`` columns."""
-    import pandas as pd
-
-    df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-    if "seed" not in df:
-        raise ValueError("input needs a 'seed' column (one image per seed)")
-    labels = None
-    if "label" in df and family.num_classes:
-        labels = [int(v) if pd.notna(v) else family.label_for(int(s)) for v, s in zip(df["label"], df["seed"])]
-    psis = df["truncation"].fillna(1.0).to_numpy(float) if "truncation" in df else np.ones(len(df))
-    out = []
-    for psi in sorted(set(psis.tolist())):  # one call per truncation value, rows back in input order
-        rows = np.flatnonzero(psis == psi)
-        imgs = family.sample(ema, stage, [int(df["seed"].iloc[i]) for i in rows],
-                             labels=None if labels is None else [labels[i] for i in rows],
-                             truncation=None if psi == 1.0 else float(psi))
-        out.append((rows, quantize(imgs).numpy()))
-    first = out[0][1]
-    result = np.empty((len(df), *first.shape[1:]), first.dtype)
-    for rows, imgs in out:
-        result[rows] = imgs
-    return result
+# The registered model is logged from code (tasks/pyfunc_model.py, see ganforge.tasks.export). Models logged
+# before that are cloudpickles of a class that calls ganforge.tasks.checkpoint.load_generator and this
+# module's ``predict``: both names stay so those models keep loading (tests/fixtures/legacy_pyfunc).
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 def sample_registered(model_uri: str, seeds: list[int], truncation: float = 1.0,
@@ -377,12 +321,14 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
         inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))])
     out_example = predict(family, stage, ema, example)
     signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(out_example.dtype, (-1, *out_example.shape[1:]))]))
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="ganforge-export-") as tmp:
+        # models-from-code: the model's code is a file, its weights are data (nothing is pickled)
         info = _retry(
-            mlflow.pyfunc.log_model, name="generator", python_model=_python_model_class()(),
-            artifacts={"checkpoint": str(checkpoint)}, signature=signature, input_example=example,
+            mlflow.pyfunc.log_model, name="generator", python_model=str(MODEL_CODE),
+            artifacts=export_model(checkpoint, tmp), signature=signature, input_example=example,
             pip_requirements=["ganforge", "torch==2.14.1", "torchvision==0.29.1"],
         )
+        grid = _log_grid(checkpoint, stage.name)
     client = MlflowClient()
     try:
         _retry(client.create_registered_model, name)
@@ -405,9 +351,53 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
         tags.update(scores)
     for k, v in tags.items():
         _retry(client.set_model_version_tag, name, mv.version, k, v)
+    _retry(client.update_model_version, name, mv.version,
+           description=version_description(family, stage, evaluation, data_sha256, run_id, grid, params))
     _retry(client.set_registered_model_alias, name, params.registry.challenger_alias, mv.version)
     log.info("registered %s version %s (alias %s)", name, mv.version, params.registry.challenger_alias)
     return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}", "tags": tags}
+
+
+def _log_grid(checkpoint: str, stage: str) -> str | None:
+    """The checkpoint's sample grid as an artifact of the active run; its artifact path."""
+    import mlflow
+
+    from ganforge.tasks.checkpoint import GRID, checkpoint_dir
+
+    with checkpoint_dir(str(checkpoint)) as d:
+        src = Path(d) / GRID
+        if not src.exists():
+            return None
+        path = f"registered/{stage}-{GRID}"
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = Path(tmp) / f"{stage}-{GRID}"
+            dst.write_bytes(src.read_bytes())
+            _retry(mlflow.log_artifact, str(dst), artifact_path="registered")
+    return path
+
+
+def version_description(family, stage, evaluation: dict | None, data_sha256: str, run_id: str, grid: str | None,
+                        params: Params) -> str:
+    """What the registry page shows for a version (markdown): what it is, on what data, how good, a grid."""
+    metric, direction = gate_for(params.registry, family.name)
+    lines = [f"**{family.name}** {family.product}, {stage.resolution}×{stage.resolution} (stage `{stage.name}`)"
+             + (f", {family.num_classes} classes" if family.num_classes else ""),
+             f"Data: manifest sha256 `{data_sha256[:16]}…`"]
+    if evaluation:
+        sc = evaluation_scores(evaluation)
+        shown = " · ".join(f"{k.upper() if k in ('fid', 'kid', 'is') else k} **{v:.4g}**" for k, v in sc.items()
+                           if v is not None and k in ("fid", "kid", "is", "intra_fid", "rfid", "accuracy",
+                                                      "baseline_accuracy", "codebook_usage"))
+        ref = evaluation["reference"]
+        lines.append(f"{shown} (protocol {evaluation['protocol']}, {evaluation['num_samples']} samples vs the "
+                     f"{ref['split']} split, {ref['count']} images)")
+    else:
+        lines.append("Not evaluated.")
+    lines.append(f"Promotion gate: {metric}, {direction} is better")
+    if grid:
+        link = f"get-artifact?path={grid}&run_uuid={run_id}"
+        lines.append(f"Sample grid: [{grid}]({link}) (`runs:/{run_id}/{grid}`)\n\n![sample grid]({link})")
+    return "\n\n".join(lines)
 
 
 def _example_images(params: Params, resolution: int) -> np.ndarray:

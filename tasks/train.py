@@ -21,6 +21,7 @@ from ray.train import UserCallback
 from ganforge.models.family import StageSpec
 from ganforge.models.families import get_family
 
+from ganforge.tasks.console import StageProgress, progress_enabled, verbose
 from ganforge.tasks.checkpoint import GRID, META, STATE, checkpoint_dir, checkpoint_problem, latest_checkpoint
 from ganforge.tasks.errors import CheckpointError, StageError, one_line, root_cause
 from ganforge.tasks.history import numeric_keys, read_history, record_report
@@ -96,7 +97,8 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
     if rec and rec.get("done") and stage.kind == "train":
         problem = checkpoint_problem(rec["checkpoint"])
         if problem is None:
-            log.info("stage %s already finished: %s", stage.name, rec["checkpoint"])
+            log.info("stage %s already finished: %.3f kimg, %s", stage.name, rec.get("images_seen", 0) / 1000,
+                     rec["checkpoint"])
             export_stage(run_dir, stage.name, rec)
             return rec
         log.warning("stage %s: its final checkpoint %s is damaged (%s): training the stage again from its newest "
@@ -191,7 +193,8 @@ def tokens_stage(params: Params, stage: StageSpec, shards, run_dir: Path, init: 
     if workers > 1:
         init_ray(params.runtime)
     t0 = time.perf_counter()
-    m = extract_tokens(init, shards, run_dir / TOKENS_DIR, workers=workers, progress=False, runtime=params.runtime)
+    m = extract_tokens(init, shards, run_dir / TOKENS_DIR, workers=workers, progress=progress_enabled(),
+                       runtime=params.runtime)
     wall = time.perf_counter() - t0
     if on_progress is not None:
         on_progress(1.0)
@@ -251,12 +254,14 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
 
     init_ray(params.runtime)
     tp = params.train
-    if resume:
-        log.info("stage %s: resuming from %s", stage.name, resume)
+    log.info("stage %s (%dpx, %.3f kimg) on %d worker(s)%s; worker logs: %s", stage.name, stage.resolution,
+             stage.kimg, tp.workers, f", resuming from {resume}" if resume else "", (run_dir / "logs").resolve())
+    for k, v in get_family(tp).notes(stage).items():
+        log.warning("stage %s: %s %s", stage.name, k, v)
     config = {
         "params": tp.model_dump(mode="json"), "stage": stage.index, "shards": shards if is_remote(shards) else str(Path(shards).resolve()),
         "run_dir": str(run_dir.resolve()), "init": init, "resume": resume,
-        "threads": max(1, int(tp.cpus_per_worker)),
+        "threads": max(1, int(tp.cpus_per_worker)), "stage_name": stage.name, "verbose": verbose(),
     }
     use_gpu = tp.gpus_per_worker > 0
     resources = {"CPU": tp.cpus_per_worker}
@@ -305,7 +310,7 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
         "last_metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))},
         "resumed_from": resume,
     }
-    log.info("stage %s done in %.1fs: %s", stage.name, wall, ckpt)
+    log.info("stage %s done: %.3f kimg in %.1fs; checkpoint %s", stage.name, images / 1000, wall, ckpt)
     return ckpt
 
 
@@ -353,14 +358,19 @@ def _fit_recording(trainer, queue, run_dir: Path, stage: StageSpec, storage: str
                 except (OSError, FileNotFoundError):
                     log.warning("stage %s: checkpoint %s has no %s", stage.name, ckpt_path, GRID)
             record_report(run_dir, stage.name, metrics, grid)
+            display.update(metrics)
             if on_progress is not None and "kimg" in metrics:
                 on_progress(min(1.0, float(metrics["kimg"]) / stage.kimg))
 
+    display = StageProgress(stage.name, stage.resolution, stage.kimg)
     th = threading.Thread(target=target, name=f"fit-{stage.name}", daemon=True)
     th.start()
-    while th.is_alive():
-        drain(1.0)
-    drain(0.05)  # reports put before fit returned
+    try:
+        while th.is_alive():
+            drain(1.0)
+        drain(0.05)  # reports put before fit returned
+    finally:
+        display.close()
     if "error" in box:
         raise box["error"]
     if on_progress is not None:

@@ -22,6 +22,20 @@ from ganforge.tasks.params import DataParams  # noqa: E402
 from ganforge.tasks.shard import shard  # noqa: E402
 
 
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_in_its_test():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a later test's CLI subprocess would take it for the
+    user's choice (which beats the params default), so it is put back after each test."""
+    yield
+    if _USER_TRACKING_URI is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = _USER_TRACKING_URI
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     """Real scikit-learn digits at 16x16, several train shards + a val split."""

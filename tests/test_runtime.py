@@ -65,3 +65,43 @@ def test_local_by_default(intercepted):
     with pytest.raises(_Connect):
         init_ray(RuntimeParams())
     assert "address" not in intercepted[0] and "runtime_env" not in intercepted[0]
+
+
+def test_each_tools_variable_beats_a_default_not_a_setting(monkeypatch, intercepted):
+    """MLFLOW_TRACKING_URI, PREFECT_API_URL and RAY_ADDRESS (as the user's shell set them) replace a params
+    default; a value set in params wins; each value says where it came from."""
+    from ganforge.tasks import params as P
+    from ganforge.tasks.runtime import init_ray
+
+    monkeypatch.setitem(P._USER_ENV, "mlflow_tracking_uri", "http://tracking.team:5000")
+    monkeypatch.setitem(P._USER_ENV, "ray_address", "ray://head.team:10001")
+    monkeypatch.setitem(P._USER_ENV, "prefect_api_url", "http://prefect.team:4200/api")
+    r = RuntimeParams()
+    assert (r.mlflow_tracking_uri, r.ray_address, r.prefect_api_url) == (
+        "http://tracking.team:5000", "ray://head.team:10001", "http://prefect.team:4200/api")
+    assert r.source("mlflow_tracking_uri") == "MLFLOW_TRACKING_URI in the environment"
+    with pytest.raises(_Connect, match="head.team"):
+        init_ray(r)
+    mine = RuntimeParams(mlflow_tracking_uri="sqlite:///mine.db", ray_address="auto")
+    assert mine.mlflow_tracking_uri == "sqlite:///mine.db" and mine.source("mlflow_tracking_uri") == "params"
+    assert mine.ray_address == "auto" and mine.prefect_api_url == "http://prefect.team:4200/api"
+    monkeypatch.setitem(P._USER_ENV, "mlflow_tracking_uri", "")
+    assert RuntimeParams().source("mlflow_tracking_uri") == "the default"
+
+
+def test_the_cli_honours_mlflow_tracking_uri(tmp_path):
+    """A shell pointing at a tracking store: `ganforge models` uses it, and says so; --set still wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/team.db"}
+    cmd = [sys.executable, "-m", "ganforge.flows.cli", "models"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"MLflow: sqlite:///{tmp_path}/team.db (from MLFLOW_TRACKING_URI in the environment)" in r.stderr
+    assert (tmp_path / "team.db").exists() and not (tmp_path / "mlflow.db").exists()
+    r = subprocess.run([*cmd, "--set", "runtime.mlflow_tracking_uri=sqlite:///own.db"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "own.db").exists(), r.stderr[-2000:]
+    assert "(from params)" in r.stderr
