@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -190,6 +191,91 @@ def inception_score_from_logits(logits: np.ndarray, splits: int = 10) -> tuple[f
     return float(np.mean(scores)), float(np.std(scores))
 
 
+# ----------------------------------------------------------------------------- precision, recall, density, coverage
+
+PRDC_FEATURES = ("TF Inception 2015-12-05 pool3 (the FID features); NVIDIA's published precision/recall uses "
+                 "VGG16 fc2 features, so these values are not comparable with theirs")
+
+
+def _pairwise_blocks(a: np.ndarray, b: np.ndarray, budget_bytes: int = 256 << 20):
+    """(start, Euclidean distances of a[start:stop] to all of b) in row blocks of at most ``budget_bytes``: 50k x
+    50k never sits in memory at once."""
+    bt = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))
+    rows = max(1, budget_bytes // (8 * max(1, len(b))))  # float64 distances
+    for s in range(0, len(a), rows):
+        at = torch.from_numpy(np.ascontiguousarray(a[s:s + rows], dtype=np.float32))
+        yield s, torch.cdist(at.double(), bt.double()).numpy()  # float64: exact ties for identical points
+
+
+def knn_radii(feats: np.ndarray, k: int) -> np.ndarray:
+    """Distance of each point to its k-th nearest other point (the radius of its k-NN ball)."""
+    if len(feats) <= k:
+        raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {len(feats)}")
+    out = np.empty(len(feats))
+    for s, d in _pairwise_blocks(feats, feats):
+        out[s:s + len(d)] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself (distance 0)
+    return out
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, *, pr_k: int = 3, dc_k: int = 5,
+         real_radii: dict[int, np.ndarray] | None = None) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, k = ``pr_k``) and density and coverage (Naeem
+    et al. 2020, k = ``dc_k``) of ``fake`` against ``real`` feature sets. ``real_radii``: cached k-NN radii
+    of ``real`` by k."""
+    radii = dict(real_radii or {})
+    for k in {pr_k, dc_k}:
+        if k not in radii:
+            radii[k] = knn_radii(real, k)
+    fake_pr = knn_radii(fake, pr_k)
+    in_pr = np.zeros(len(fake), bool)  # fake j inside some real k-NN ball (precision)
+    in_dc = np.zeros(len(fake))  # how many real k-NN balls (density)
+    covered = np.zeros(len(real), bool)  # real i's nearest fake inside its ball (coverage)
+    recalled = np.zeros(len(real), bool)  # real i inside some fake k-NN ball (recall)
+    for s, d in _pairwise_blocks(real, fake):  # d[i, j]: real s+i to fake j
+        r_pr, r_dc = radii[pr_k][s:s + len(d), None], radii[dc_k][s:s + len(d), None]
+        in_pr |= (d <= r_pr).any(axis=0)
+        in_dc += (d <= r_dc).sum(axis=0)
+        covered[s:s + len(d)] = d.min(axis=1) <= r_dc[:, 0]
+        recalled[s:s + len(d)] = (d <= fake_pr[None, :]).any(axis=1)
+    return {"precision": float(in_pr.mean()), "recall": float(recalled.mean()),
+            "density": float(in_dc.sum() / (dc_k * len(fake))), "coverage": float(covered.mean())}
+
+
+def _prdc_of(x: "MetricInputs") -> dict[str, Any]:
+    """PRDC once per evaluation (the four registered names share it), with the reference radii cached beside
+    the reference statistics."""
+    if x.cache.get("prdc") is None:
+        o = x.options
+        ks = sorted({o.pr_k, o.dc_k})
+        if len(x.fake) <= max(ks) or len(x.real["features"]) <= max(ks):
+            x.cache["prdc"] = {n: None for n in ("precision", "recall", "density", "coverage")} | {
+                "prdc_unavailable": f"needs more than k = {max(ks)} generated and reference images"}
+        else:
+            radii = {k: cached_radii(x.real, k) for k in ks}
+            x.cache["prdc"] = {**prdc(x.real["features"], x.fake, pr_k=o.pr_k, dc_k=o.dc_k, real_radii=radii),
+                               "prdc_features": PRDC_FEATURES, "pr_k": o.pr_k, "dc_k": o.dc_k}
+    return x.cache["prdc"]
+
+
+def cached_radii(real: dict[str, Any], k: int) -> np.ndarray:
+    """The reference set's k-NN radii, stored next to its cached statistics (``ref-<key>.radii-k<k>.npy``)."""
+    path = Path(real["cache_path"]).with_suffix(f".radii-k{k}.npy") if real.get("cache_path") else None
+    if path is not None and path.exists():
+        try:
+            r = np.load(path)
+            if r.shape == (len(real["features"]),):
+                return r
+        except (OSError, ValueError):
+            pass
+    r = knn_radii(real["features"], k)
+    if path is not None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:  # a handle: np.save would append .npy to the name
+            np.save(f, r)
+        os.replace(tmp, path)
+    return r
+
+
 # ----------------------------------------------------------------------------- the metric registry
 
 
@@ -203,6 +289,7 @@ class MetricInputs:
     options: Any  # EvalParams
     real_labels: np.ndarray | None = None  # class of each reference image (-1: none); None: not class-conditional
     fake_labels: np.ndarray | None = None  # class each generated image was sampled for
+    cache: dict[str, Any] = field(default_factory=dict)  # results metrics share (e.g. the PRDC distances)
 
 
 @dataclass(frozen=True)
@@ -300,3 +387,10 @@ def load_logits_model(path: str | None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.load(path, map_location="cpu").eval(), None
+
+
+for _name, _paper in (("precision", "improved precision (Kynkäänniemi et al. 2019, k = eval.pr_k)"),
+                      ("recall", "improved recall (Kynkäänniemi et al. 2019, k = eval.pr_k)"),
+                      ("density", "density (Naeem et al. 2020, k = eval.dc_k)"),
+                      ("coverage", "coverage (Naeem et al. 2020, k = eval.dc_k)")):
+    register_metric(_name, "higher", f"{_paper}, on the FID features")(_prdc_of)

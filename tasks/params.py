@@ -107,8 +107,9 @@ TrainParams = _train_params_model()
 
 
 class EvalParams(_Section):
-    metrics: list[MetricName] = Field(default_factory=lambda: ["fid", "kid"],  # type: ignore[valid-type]
-                                      description="sample metrics, by registered name")
+    metrics: list[MetricName] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["fid", "kid", "precision", "recall", "density", "coverage"],
+        description="sample metrics, by registered name")
     protocol: Literal["tf1", "clean"] = Field("tf1", description="tf1: published FID protocol; clean: PIL bicubic")
     num_samples: int = Field(2000, ge=2, description="generated images per evaluation")
     split: Literal["train", "val"] = Field("val", description="the reference split real statistics come from")
@@ -122,6 +123,8 @@ class EvalParams(_Section):
     )
     cache_dir: str = Field(".cache/ganforge/fid-stats", description="reference statistics cache")
     seed: int = Field(123, ge=0, description="seed of the generated samples (one per index) and KID subsets")
+    pr_k: int = Field(3, ge=1, description="precision/recall: the k of the k-NN balls (Kynkäänniemi et al.: 3)")
+    dc_k: int = Field(5, ge=1, description="density/coverage: the k of the k-NN balls (Naeem et al.: 5)")
     class_min_images: int = Field(
         50, ge=2, description="intra-class FID: classes with fewer reference images or samples are reported, "
                               "not averaged in")

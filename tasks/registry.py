@@ -386,8 +386,9 @@ def version_description(family, stage, evaluation: dict | None, data_sha256: str
     if evaluation:
         sc = evaluation_scores(evaluation)
         shown = " · ".join(f"{k.upper() if k in ('fid', 'kid', 'is') else k} **{v:.4g}**" for k, v in sc.items()
-                           if v is not None and k in ("fid", "kid", "is", "intra_fid", "rfid", "accuracy",
-                                                      "baseline_accuracy", "codebook_usage"))
+                           if v is not None and k in ("fid", "kid", "is", "intra_fid", "rfid", "precision", "recall",
+                                                      "density", "coverage", "accuracy", "baseline_accuracy",
+                                                      "codebook_usage"))
         ref = evaluation["reference"]
         lines.append(f"{shown} (protocol {evaluation['protocol']}, {evaluation['num_samples']} samples vs the "
                      f"{ref['split']} split, {ref['count']} images)")

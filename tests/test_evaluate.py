@@ -80,3 +80,31 @@ def test_a_metric_from_another_package(tiny_run, tmp_path):
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["mean_gap"] == pytest.approx(r["mean_gap"])
     with pytest.raises(ParamsError, match=r"eval.metrics.0: .*'mean_gap'.*\(got 'nope'\)"):
         load_params(None, {"eval.metrics": ["nope"]})
+
+
+def test_prdc_join_the_evaluation_and_the_radii_are_cached(tiny_run, tmp_path):
+    """precision/recall/density/coverage: computed on the FID features, reported with the backbone and k, in
+    scores (so in MLflow, the registry tags, the gate) and metrics.json; the reference radii are cached beside
+    the reference statistics and reused. Too few images for k: null with the reason."""
+    from ganforge.tasks.images import reference_features
+    from ganforge.tasks.metrics import cached_radii, knn_radii
+
+    shards, ckpt, _ = tiny_run
+    ev = EvalParams(num_samples=12, workers=1, kid_subsets=5, cache_dir=str(tmp_path / "c"))
+    assert ev.metrics == ["fid", "kid", "precision", "recall", "density", "coverage"]
+    r = evaluate(ckpt, shards, ev, out=tmp_path / "out", progress=False)
+    for k in ("precision", "recall", "coverage"):
+        assert 0 <= r["scores"][k] <= 1 and r["directions"][k] == "higher"
+    assert r["scores"]["density"] >= 0 and (r["pr_k"], r["dc_k"]) == (3, 5) and "VGG16" in r["prdc_features"]
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["precision"] == r["precision"] and m["coverage"] == r["coverage"]
+    radii = sorted(p.name for p in (tmp_path / "c").glob("*.radii-k*.npy"))
+    assert len(radii) == 2 and radii[0].endswith(".radii-k3.npy")
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*.radii-k*.npy")}
+    ref = reference_features(shards, "val", "tf1", tmp_path / "c", progress=False)
+    assert ref["cache"] == "hit" and np.array_equal(cached_radii(ref, 3), knn_radii(ref["features"], 3))
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # read back, not recomputed
+    few = evaluate(ckpt, shards, EvalParams(num_samples=4, workers=1, kid_subsets=2, cache_dir=str(tmp_path / "c")),
+                   progress=False)
+    assert few["precision"] is None and "more than k = 5" in few["prdc_unavailable"]
+    assert "precision" not in few["scores"] and few["fid"] > 0

@@ -145,3 +145,56 @@ def test_image_sets_and_fid_cli(tiny_shards, tmp_path):
     res = subprocess.run([sys.executable, "-m", "ganforge.flows.cli", "fid", str(tmp_path / "nope"), str(folder)],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 4 and "nope" in res.stderr  # a missing input
+
+
+# ----------------------------------------------------------------------------- precision, recall, density, coverage
+
+def test_prdc_by_hand_on_a_line():
+    """real 0,1,2,3 and fake 0.5,10 with k = 1: every real k-NN radius is 1 and both fake radii are 9.5.
+    precision: 0.5 lies in the balls of 0 and 1, 10 in none -> 1/2; recall: every real lies within 9.5 of 0.5
+    -> 1; density: 0.5 is in 2 balls, 10 in 0 -> 2 / (1 * 2) = 1; coverage: the nearest fake of 0 and 1 is 0.5
+    (inside), of 2 and 3 it is 1.5 and 2.5 away (outside) -> 1/2."""
+    from ganforge.tasks.metrics import knn_radii, prdc
+
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    fake = np.array([[0.5], [10.0]])
+    assert np.allclose(knn_radii(real, 1), 1.0) and np.allclose(knn_radii(fake, 1), 9.5)
+    assert prdc(real, fake, pr_k=1, dc_k=1) == {"precision": 0.5, "recall": 1.0, "density": 1.0, "coverage": 0.5}
+
+
+def test_prdc_identical_sets_and_a_collapsed_one():
+    from ganforge.tasks.metrics import prdc
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 16))
+    same = prdc(real, real.copy())
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0 and same["density"] >= 1.0
+    # mode collapse onto one real image: every fake sits on a real point (precision 1); the fakes' k-NN balls
+    # have radius 0, so only that point is recalled (1/200); it covers only the reals whose 5-NN ball holds it
+    collapsed = prdc(real, np.repeat(real[:1], 200, axis=0))
+    assert collapsed["precision"] == 1.0 and collapsed["recall"] == 1 / 200 and collapsed["coverage"] <= 15 / 200
+
+
+def test_prdc_in_row_blocks_equals_one_block():
+    """The distance computation is batched (50k x 50k never in memory at once): any block size, same result."""
+    from ganforge.tasks import metrics as M
+
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(120, 8)), rng.normal(0.3, 1.2, size=(90, 8))
+    whole = M.prdc(real, fake)
+    small = M._pairwise_blocks
+    try:
+        M._pairwise_blocks = lambda a, b: small(a, b, budget_bytes=8 * len(b) * 7)  # 7 rows at a time
+        assert M.prdc(real, fake) == whole
+    finally:
+        M._pairwise_blocks = small
+    with pytest.raises(ValueError, match="more than 5 points"):
+        M.knn_radii(real[:5], 5)
+
+
+def test_the_gate_can_compare_any_prdc_score():
+    from ganforge.tasks.params import RegistryParams
+    from ganforge.tasks.registry import gate_for
+
+    for name in ("precision", "recall", "density", "coverage"):
+        assert gate_for(RegistryParams(gate_metric=name), "progan") == (name, "higher")
