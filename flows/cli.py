@@ -101,9 +101,9 @@ def cmd_train(args: argparse.Namespace, params: Params) -> dict:
                 raise ValueError(f"--stage-resolution {args.stage_resolution} is not one stage of these params "
                                  f"(stages: {', '.join(str(s.resolution) for s in stages)}); keep dvc.yaml in sync")
         rec = train_stage(params.data.shards, params.train.out, params, match[0].index, init=args.init or None,
-                          verify=args.verify or None)
+                          verify=args.verify or None, curve=_curve(params))
         return {"stage": match[0].name, "checkpoint": rec["checkpoint"], "images_seen": rec["images_seen"]}
-    summary = train(params.data.shards, params.train.out, params, verify=args.verify or None)
+    summary = train(params.data.shards, params.train.out, params, verify=args.verify or None, curve=_curve(params))
     return {
         "out": params.train.out,
         "final_checkpoint": summary["final_checkpoint"],
@@ -111,24 +111,36 @@ def cmd_train(args: argparse.Namespace, params: Params) -> dict:
     }
 
 
+def _curve(params: Params):
+    """The FID curve beside training (eval.every_kimg), or None."""
+    if not params.eval.every_kimg:
+        return None
+    from ganforge.tasks.curve import Curve
+
+    return Curve(params, params.train.out)
+
+
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.tasks.evaluate import evaluate
 
-    ckpt = args.checkpoint or _final_checkpoint(params.train.out)
+    ckpt = args.checkpoint or _final_checkpoint(params)
     return evaluate(ckpt, params.data.shards, params.eval, out=args.out, progress=not args.quiet,
                     runtime=params.runtime)
 
 
-def _final_checkpoint(run_dir: str) -> str:
+def _final_checkpoint(params: Params) -> str:
+    """The run's last checkpoint, or its best on the curve with registry.checkpoint: best."""
     from pathlib import Path
 
-    p = Path(run_dir) / "summary.json"
+    from ganforge.tasks.curve import chosen_checkpoint
+
+    p = Path(params.train.out) / "summary.json"
     if not p.exists():
         raise FileNotFoundError(f"no --checkpoint given and no {p}: train first or name a checkpoint")
     ckpt = json.loads(p.read_text()).get("final_checkpoint")
     if not ckpt:
         raise ValueError(f"{p} has no final_checkpoint: the run has not finished")
-    return ckpt
+    return chosen_checkpoint(params, ckpt)
 
 
 def cmd_fid(args: argparse.Namespace, params: Params) -> str:
@@ -147,7 +159,7 @@ def cmd_register(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.tasks.registry import PromotionRefused, promote, register, start_pipeline_run
     from ganforge.tasks.shard import manifest_hash
 
-    ckpt = args.checkpoint or _final_checkpoint(params.train.out)
+    ckpt = args.checkpoint or _final_checkpoint(params)
     evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else None
     run_id = args.run_id or start_pipeline_run(params, params.data.shards, run_name="register")
     reg = register(ckpt, evaluation, params, run_id, data_sha256=manifest_hash(params.data.shards))
@@ -215,7 +227,7 @@ def cmd_pipeline(args: argparse.Namespace, params: Params) -> dict:
         f"  evaluated on : {r['protocol']}, {r['num_samples']} samples\n{scores}\n"
         f"  model        : {r['model']} version {r['version']} "
         f"({'champion' if r['promoted'] else 'challenger'}: {r['decision']})\n"
-        f"  checkpoint   : {r['final_checkpoint']}\n"
+        f"  checkpoint   : {r['checkpoint']}\n"
         f"  MLflow UI    : make mlflow-ui   (run {r['mlflow_run_id']})\n"
     )
     return r
@@ -360,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: final_checkpoint of train.out)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: train.out's last, or its best with registry.checkpoint: best)")
     p.add_argument("--out", default=None, help="write metrics.json (DVC), evaluation.json and samples.png here")
 
 
@@ -370,7 +382,7 @@ def _fid_args(p: argparse.ArgumentParser) -> None:
 
 
 def _register_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: final_checkpoint of train.out)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: train.out's last, or its best with registry.checkpoint: best)")
     p.add_argument("--evaluation", default=None, help="evaluation.json from `ganforge evaluate --out`")
     p.add_argument("--run-id", default=None, help="MLflow run to log the model into (default: a new run)")
 

@@ -110,7 +110,13 @@ def stage_task(params: Params, stage_index: int, manifest_sha256: str, init: str
     def progress(frac: float) -> None:
         update_progress_artifact(art, 100.0 * frac)
 
-    rec = train_stage(params.data.shards, params.train.out, params, stage_index, init=init, on_progress=progress)
+    curve = None
+    if params.eval.every_kimg:  # the FID curve, scored beside training
+        from ganforge.tasks.curve import Curve
+
+        curve = Curve(params, params.train.out)
+    rec = train_stage(params.data.shards, params.train.out, params, stage_index, init=init, on_progress=progress,
+                      curve=curve)
     return {"stage": stage.name, **rec}
 
 
@@ -220,6 +226,9 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     run_id = start_pipeline_run(params, params.data.shards, run_name=Path(params.train.out).name)
     summary = json.loads((Path(params.train.out) / "summary.json").read_text())
     log_training(summary, params.train.out, params, run_id)
+    from ganforge.tasks.curve import chosen_checkpoint
+
+    last, prev = prev, chosen_checkpoint(params, prev)  # registry.checkpoint: last, or best on the curve
     evaluation = evaluate_task(params, prev)
     import mlflow
 
@@ -233,7 +242,7 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     decision = promote_task(params, reg["name"], reg["version"])
     grid = Path(params.train.out) / "eval" / "samples.png"
     result = {
-        "final_checkpoint": prev, **evaluation["scores"], "scores": evaluation["scores"],
+        "final_checkpoint": last, "checkpoint": prev, **evaluation["scores"], "scores": evaluation["scores"],
         "fid": evaluation.get("fid"), "kid": evaluation.get("kid"),
         "protocol": evaluation["protocol"], "num_samples": evaluation["num_samples"],
         "model": reg["name"], "version": reg["version"], "promoted": decision.get("promoted"),

@@ -106,6 +106,11 @@ def _train_params_model() -> type[_TrainBase]:
 TrainParams = _train_params_model()
 
 
+class EvalResources(_Section):
+    cpus: float = Field(1.0, ge=0, description="CPUs per scoring task (on a laptop with none free, it shares)")
+    gpus: float = Field(0.0, ge=0, description="GPUs per scoring task")
+
+
 class EvalParams(_Section):
     metrics: list[MetricName] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["fid", "kid", "precision", "recall", "density", "coverage"],
@@ -123,6 +128,16 @@ class EvalParams(_Section):
     )
     cache_dir: str = Field(".cache/ganforge/fid-stats", description="reference statistics cache")
     seed: int = Field(123, ge=0, description="seed of the generated samples (one per index) and KID subsets")
+    every_kimg: float | None = Field(
+        None, gt=0, description="score checkpoints every this many kimg beside training (an FID-vs-kimg curve over "
+                                "all stages, as its own Ray task); null: off")
+    every_num_samples: int = Field(1000, ge=2, description="curve: generated images per scored checkpoint")
+    every_protocol: Literal["tf1", "clean"] | None = Field(None, description="curve: protocol; null: eval.protocol")
+    every_metrics: list[MetricName] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["fid"], min_length=1,
+        description="curve: metrics per scored checkpoint; the first picks the best checkpoint")
+    resources: EvalResources = Field(default_factory=lambda: EvalResources(),
+                                     description="curve: what each scoring task asks Ray for")
     pr_k: int = Field(3, ge=1, description="precision/recall: the k of the k-NN balls (Kynkäänniemi et al.: 3)")
     dc_k: int = Field(5, ge=1, description="density/coverage: the k of the k-NN balls (Naeem et al.: 5)")
     class_min_images: int = Field(
@@ -138,6 +153,9 @@ class RegistryParams(_Section):
     gate_direction: Literal["lower", "higher"] | None = Field(
         None, description="which way gate_metric improves; null: as its metric declares")
     min_improvement: float = Field(0.0, ge=0, description="gate_metric must improve by at least this to take 'champion'")
+    checkpoint: Literal["last", "best"] = Field(
+        "last", description="what the flow evaluates and registers: the last checkpoint, or the best on the "
+                            "eval.every_kimg curve (RUN_DIR/best)")
     challenger_alias: str = Field("challenger", description="alias every new version gets")
     champion_alias: str = Field("champion", description="alias the gate moves to a better version")
 

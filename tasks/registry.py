@@ -239,6 +239,37 @@ def log_training(summary: dict, run_dir: str | Path, params: Params, parent_run_
         curve = loss_curve_png(run_dir, list(summary["stages"]), run_dir / "loss_curves.png")
         if curve:
             mlflow.log_artifact(str(curve), artifact_path="plots")
+        _log_fid_curve(run_dir, summary)
+
+
+def _log_fid_curve(run_dir: Path, summary: dict) -> None:
+    """The curve scored beside training (eval.every_kimg): a metric history keyed by cumulative images on the
+    pipeline run and on each stage's run (``<metric>`` vs step), its PNG and the best checkpoint."""
+    import mlflow
+
+    from ganforge.tasks.curve import read_curve, write_curve_outputs
+    from ganforge.tasks.metrics import METRICS
+
+    rows = read_curve(run_dir)
+    if not rows:
+        return
+    stage_runs = {r.data.tags.get("stage"): r.info.run_id for r in mlflow.search_runs(
+        filter_string=f"tags.mlflow.parentRunId = '{mlflow.active_run().info.run_id}'", output_format="list")}
+    for r in rows:
+        values = {k: float(v) for k, v in r.items() if k in METRICS and v is not None}
+        mlflow.log_metrics({f"curve_{k}": v for k, v in values.items()}, step=r["step"])
+        if r["stage"] in stage_runs:
+            with mlflow.start_run(run_id=stage_runs[r["stage"]], nested=True):
+                mlflow.log_metrics(values, step=r["step"])
+    png = write_curve_outputs(run_dir)
+    if png:
+        mlflow.log_artifact(str(png), artifact_path="plots")
+    best = run_dir / "best.json"
+    if best.exists():
+        b = json.loads(best.read_text())
+        mlflow.set_tags({"curve.best_kimg": b["kimg"], "curve.best_stage": b["stage"],
+                         f"curve.best_{b['metric']}": b["value"], "curve.best_checkpoint": b["checkpoint"]})
+
 
 
 def start_pipeline_run(params: Params, shards: str | Path, run_name: str | None = None) -> str:

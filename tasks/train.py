@@ -85,7 +85,7 @@ def _open_run(shards: str | Path, out: str | Path, params: Params) -> tuple[Path
 
 
 def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index: int, *,
-                init: str | None = None, on_progress=None, verify: bool | None = None) -> dict:
+                init: str | None = None, on_progress=None, verify: bool | None = None, curve=None) -> dict:
     """Run (or skip, when finished, or resume, when interrupted) one stage; returns its summary record.
 
     ``init``: the previous stage's final checkpoint (default: from summary.json).
@@ -131,7 +131,7 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
             summary["stages"][stage.name] = finished
         else:
             run_one_stage(params, stage, shards, run_dir, storage, init=init, resume=resume, summary=summary,
-                          on_progress=on_progress)
+                          on_progress=on_progress, curve=curve)
         summary["stages"][stage.name]["notes"] = family.notes(stage)
         export_stage(run_dir, stage.name, summary["stages"][stage.name])
     last = get_family(params.train).stages()[-1]
@@ -234,12 +234,12 @@ def export_stage(run_dir: Path, stage_name: str, rec: dict) -> Path:
     return dst
 
 
-def train(shards: str | Path, out: str | Path, params: Params, *, verify: bool | None = None) -> dict:
+def train(shards: str | Path, out: str | Path, params: Params, *, verify: bool | None = None, curve=None) -> dict:
     """Run (or resume) every stage in order; returns the summary (also RUN_DIR/summary.json)."""
     stages = get_family(params.train).stages()
     prev = None
     for stage in stages:
-        prev = train_stage(shards, out, params, stage.index, init=prev, verify=verify)["checkpoint"]
+        prev = train_stage(shards, out, params, stage.index, init=prev, verify=verify, curve=curve)["checkpoint"]
     summary = json.loads((Path(out) / SUMMARY).read_text())
     summary["final_checkpoint"] = prev
     write_json(Path(out) / SUMMARY, summary)
@@ -247,7 +247,7 @@ def train(shards: str | Path, out: str | Path, params: Params, *, verify: bool |
 
 
 def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, storage: str, *, init: str | None,
-                  resume: str | None, summary: dict, on_progress=None) -> str:
+                  resume: str | None, summary: dict, on_progress=None, curve=None) -> str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -284,7 +284,7 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
     t0 = time.perf_counter()
     try:
         try:
-            result = _fit_recording(trainer, reports, run_dir, stage, storage, on_progress)
+            result = _fit_recording(trainer, reports, run_dir, stage, storage, on_progress, curve)
         finally:
             reports.shutdown()
     except Exception as e:  # ray.train.TrainingFailedError and friends: checkpoints so far are kept
@@ -327,9 +327,10 @@ class ReportForwarder(UserCallback):
             self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint is not None else None))
 
 
-def _fit_recording(trainer, queue, run_dir: Path, stage: StageSpec, storage: str, on_progress):
-    """trainer.fit() in a thread while this thread records the forwarded reports and calls
-    ``on_progress(fraction)``; returns fit's result or raises its error."""
+def _fit_recording(trainer, queue, run_dir: Path, stage: StageSpec, storage: str, on_progress, curve=None):
+    """trainer.fit() in a thread while this thread records the forwarded reports, calls
+    ``on_progress(fraction)`` and offers checkpoints to the FID curve (tasks/curve.py, scored beside training);
+    returns fit's result or raises its error."""
     import threading
     from queue import Empty
 
@@ -359,6 +360,8 @@ def _fit_recording(trainer, queue, run_dir: Path, stage: StageSpec, storage: str
                     log.warning("stage %s: checkpoint %s has no %s", stage.name, ckpt_path, GRID)
             record_report(run_dir, stage.name, metrics, grid)
             display.update(metrics)
+            if curve is not None:
+                curve.offer(stage, metrics, ckpt_path, storage)
             if on_progress is not None and "kimg" in metrics:
                 on_progress(min(1.0, float(metrics["kimg"]) / stage.kimg))
 
@@ -368,9 +371,13 @@ def _fit_recording(trainer, queue, run_dir: Path, stage: StageSpec, storage: str
     try:
         while th.is_alive():
             drain(1.0)
+            if curve is not None:
+                curve.poll()
         drain(0.05)  # reports put before fit returned
     finally:
         display.close()
+    if curve is not None and "error" not in box:
+        curve.finish()  # the stage's scores: its last checkpoint's is what `registry.checkpoint: best` may pick
     if "error" in box:
         raise box["error"]
     if on_progress is not None:

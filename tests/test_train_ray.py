@@ -80,3 +80,45 @@ def test_interrupted_run_resumes_on_rerun(digits_shards, tmp_path):
     rec = s["stages"]["progan-r0008"]
     assert rec["resumed_from"] and rec["resumed_from"].endswith("ckpt-0000000064")
     assert _meta(s["final_checkpoint"])["attempt_start_images"] == 64
+
+
+def test_fid_curve_beside_training_spans_the_stages(digits_shards, tmp_path):
+    """eval.every_kimg: checkpoints on the interval (and each stage's last) are scored by their own Ray tasks
+    while training goes on; the curve spans both stages on a cumulative kimg axis, becomes a DVC plot, a PNG
+    and an MLflow metric history keyed by images; the best checkpoint by FID is kept in RUN_DIR/best, which
+    registry.checkpoint: best picks."""
+    import mlflow
+
+    from ganforge.tasks.checkpoint import load_generator
+    from ganforge.tasks.curve import Curve, chosen_checkpoint, read_curve
+    from ganforge.tasks.registry import log_training, start_pipeline_run
+
+    d = ray_params(tmp_path).model_dump(mode="json")
+    d["eval"].update(every_kimg=0.08, every_num_samples=8, cache_dir=str(tmp_path / "cache"))
+    d["runtime"].update(mlflow_tracking_uri=f"sqlite:///{tmp_path}/m.db", mlflow_artifact_root=str(tmp_path / "a"))
+    d["data"]["shards"] = str(digits_shards)
+    p = Params.model_validate(d)
+    s = train(digits_shards, p.train.out, p, curve=Curve(p, p.train.out))
+    run = Path(p.train.out)
+    rows = read_curve(run)
+    assert [(r["stage"], r["kimg"]) for r in rows] == [("progan-r0004", 0.08), ("progan-r0008", 0.16),
+                                                       ("progan-r0008", 0.24)]
+    assert all(r["fid"] > 0 for r in rows) and [r["step"] for r in rows] == [80, 160, 240]
+    assert (run / "plots" / "curve.csv").read_text().splitlines()[0] == "kimg,stage,fid"
+    assert (run / "curve.png").stat().st_size > 0
+    best = json.loads((run / "best.json").read_text())
+    assert best["value"] == min(r["fid"] for r in rows) and best["metric"] == "fid"
+    fam, stage, _, _ = load_generator(run / "best")
+    assert stage.name == best["stage"]
+    last = s["final_checkpoint"]
+    assert chosen_checkpoint(p, last) == last
+    picked = Params.model_validate({**d, "registry": {"checkpoint": "best"}})
+    assert chosen_checkpoint(picked, last) == str((run / "best").resolve())
+    run_id = start_pipeline_run(p, digits_shards, "curve")
+    log_training(s, run, p, run_id)
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(run_id, "curve_fid")] == [80, 160, 240]
+    child = client.search_runs([client.get_run(run_id).info.experiment_id],
+                               f"tags.mlflow.parentRunId = '{run_id}' and tags.stage = 'progan-r0008'")[0]
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [160, 240]
+    assert "plots/curve.png" in [a.path for a in client.list_artifacts(run_id, "plots")]
