@@ -22,18 +22,20 @@ from ganforge.tasks.params import DataParams  # noqa: E402
 from ganforge.tasks.shard import shard  # noqa: E402
 
 
-_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+_USER_MLFLOW_ENV = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 
 
 @pytest.fixture(autouse=True)
 def _tracking_uri_stays_in_its_test():
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a later test's CLI subprocess would take it for the
-    user's choice (which beats the params default), so it is put back after each test."""
+    """mlflow.set_tracking_uri / set_registry_uri export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI; a later
+    test's subprocess would take them for the user's choice (the registry one even beats a script's own
+    set_tracking_uri), so they are put back after each test."""
     yield
-    if _USER_TRACKING_URI is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = _USER_TRACKING_URI
+    for k, v in _USER_MLFLOW_ENV.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

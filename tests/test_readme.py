@@ -46,7 +46,7 @@ def test_every_readme_example_is_marked():
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "COLUMNS": "120"}
-    for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_API_URL", "GANFORGE_VERBOSE"):
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS", "PREFECT_API_URL", "GANFORGE_VERBOSE"):
         env.pop(k, None)  # the user's folder decides
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     out = r.stdout + r.stderr
