@@ -89,9 +89,16 @@ class Curve:
         self.next_kimg = (max(r["kimg"] for r in done) // self.every + 1) * self.every if done else self.every
 
     def offer(self, stage, metrics: dict, ckpt_path: str | None, storage: str) -> None:
-        """A checkpoint report of ``stage``: score it when it crosses the interval or ends the stage."""
+        """A checkpoint report of ``stage``: score it when it crosses the interval or ends the stage. A
+        checkpoint that cannot be handed over leaves a gap in the curve, never a failed stage."""
         if ckpt_path is None or "kimg" not in metrics:
             return
+        try:
+            self._offer(stage, metrics, ckpt_path, storage)
+        except Exception as e:  # noqa: BLE001
+            log.warning("curve: checkpoint %s of %s not scored: %s: %s", ckpt_path, stage.name, type(e).__name__, e)
+
+    def _offer(self, stage, metrics: dict, ckpt_path: str, storage: str) -> None:
         stage_kimg = float(metrics["kimg"])
         kimg = self.offset.get(stage.name, 0.0) + stage_kimg
         last = stage_kimg >= stage.kimg - 1e-9
@@ -196,7 +203,7 @@ def write_curve_outputs(run_dir: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     metrics = [k for k in keys[2:]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False, layout="constrained")
     for ax, m in zip(axes[0], metrics):
         pts = [(r["kimg"], r[m]) for r in rows if r.get(m) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", lw=1, ms=3)
@@ -206,7 +213,6 @@ def write_curve_outputs(run_dir: str | Path) -> Path | None:
             ax.text(first, ax.get_ylim()[1], st.split("-")[-1], fontsize=7, va="top")
         ax.set_xlabel("kimg (cumulative over stages)")
         ax.set_ylabel(m)
-    fig.tight_layout()
     out = run_dir / "curve.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -186,7 +186,7 @@ def loss_curve_png(run_dir: Path, stages: list[str], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
     offset = 0.0
     any_data = False
     labelled: set[str] = set()
@@ -210,7 +210,6 @@ def loss_curve_png(run_dir: Path, stages: list[str], out: Path) -> Path | None:
     ax.set_xlabel("kimg (cumulative over stages)")
     ax.set_ylabel("loss")
     ax.legend()
-    fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

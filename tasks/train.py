@@ -21,8 +21,8 @@ from ray.train import UserCallback
 from ganforge.models.family import StageSpec
 from ganforge.models.families import get_family
 
-from ganforge.tasks.console import StageProgress, progress_enabled, verbose
 from ganforge.tasks.checkpoint import GRID, META, STATE, checkpoint_dir, checkpoint_problem, latest_checkpoint
+from ganforge.tasks.console import StageProgress, progress_enabled, verbose
 from ganforge.tasks.errors import CheckpointError, StageError, one_line, root_cause
 from ganforge.tasks.history import numeric_keys, read_history, record_report
 from ganforge.tasks.io import redact, write_json
