@@ -188,23 +188,21 @@ def loss_curve_png(run_dir: Path, stages: list[str], out: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
     offset = 0.0
-    any_data = False
-    labelled: set[str] = set()
+    colors: dict[str, str] = {}
     for st in stages:
         h = read_history(run_dir, st)
         if not h:
             continue
-        any_data = True
         x = [offset + r["kimg"] for r in h]
-        for key, color in _CURVES.items():
-            if any(key in r for r in h):
-                ax.plot(x, [r.get(key, np.nan) for r in h], color=color, lw=1,
-                        label=key if key not in labelled else None)
-                labelled.add(key)
+        keys = [k for k in dict.fromkeys(k for r in h for k in r) if k.startswith("loss")]  # every family's losses
+        for key in keys:
+            first = key not in colors
+            colors.setdefault(key, _CURVES.get(key) or f"C{len(colors) % 10}")
+            ax.plot(x, [r.get(key, np.nan) for r in h], color=colors[key], lw=1, label=key if first else None)
         ax.axvline(offset, color="grey", lw=0.5)
-        ax.text(offset, ax.get_ylim()[1], st.split("-")[-1], fontsize=7, va="top")
+        ax.text(offset, 1.0, st.split("-")[-1], fontsize=7, va="top", transform=ax.get_xaxis_transform())
         offset = x[-1]
-    if not any_data:
+    if not colors:
         plt.close(fig)
         return None
     ax.set_xlabel("kimg (cumulative over stages)")
