@@ -281,3 +281,19 @@ class GANFamily(ABC):
     def classify(self, ema: dict[str, nn.Module], stage: StageSpec, images: torch.Tensor) -> torch.Tensor:
         """product == "classifier": images in [-1, 1] (NCHW) -> class probabilities [N, num_classes]."""
         raise NotImplementedError(f"family {self.name} does not classify images")
+
+
+class SingleStageFamily(GANFamily):
+    """A family trained as one stage at train.resolution for its section's ``kimg`` (DCGAN, SGAN, SAGAN,
+    BigGAN): ``--kimg-per-stage K`` sets that ``kimg``; ``stage_info`` is what the stage carries."""
+
+    @classmethod
+    def kimg_overrides(cls, kimg: float) -> dict[str, float]:
+        return {"kimg": kimg}
+
+    def stage_info(self) -> dict:
+        return {}
+
+    def stages(self) -> list[StageSpec]:
+        r = self.params.resolution
+        return [StageSpec(f"{self.name}-r{r:04d}", 0, r, self.p.kimg, info=self.stage_info())]

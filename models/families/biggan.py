@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from ganforge.models import losses, regularizers
-from ganforge.models.family import Betas, GANFamily, Section, StageSpec, StepContext
+from ganforge.models.family import Betas, Section, SingleStageFamily, StageSpec, StepContext
 from ganforge.models.nn.biggan import (DBlock, GBlock, ProjectionHead, SelfAttention, sn_conv, sn_linear,
                                        truncated_normal)
 
@@ -149,7 +149,7 @@ class Discriminator(nn.Module):
         return self.head(h, labels)
 
 
-class SAGAN(GANFamily):
+class SAGAN(SingleStageFamily):
     name = "sagan"
     Params = SAGANParams
     hierarchical = False
@@ -166,14 +166,6 @@ class SAGAN(GANFamily):
         if section.attention and (section.attention not in _sizes(train.resolution)[1:]):
             raise ValueError(f"train.{cls.name}.attention must be 0 or one of {_sizes(train.resolution)[1:]}, got "
                              f"{section.attention}")
-
-    @classmethod
-    def kimg_overrides(cls, kimg: float) -> dict[str, float]:
-        return {"kimg": kimg}
-
-    def stages(self) -> list[StageSpec]:
-        r = self.params.resolution
-        return [StageSpec(f"{self.name}-r{r:04d}", 0, r, self.p.kimg)]
 
     def build(self, stage: StageSpec) -> dict[str, nn.Module]:
         p, r = self.p, stage.resolution

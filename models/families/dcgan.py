@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from ganforge.models import losses, regularizers
-from ganforge.models.family import Betas, GANFamily, Section, StageSpec, StepContext
+from ganforge.models.family import Betas, Section, SingleStageFamily, StageSpec, StepContext
 from ganforge.models.nn.equalized import MinibatchStd
 
 LOSSES = ("minimax", "non-saturating", "wasserstein", "wasserstein-gp", "least-squares", "hinge")
@@ -167,7 +167,7 @@ def feature_matching_loss(real_feats: torch.Tensor, fake_feats: torch.Tensor) ->
     return (real_feats.detach().float().mean(0) - fake_feats.float().mean(0)).pow(2).sum()
 
 
-class DCGAN(GANFamily):
+class DCGAN(SingleStageFamily):
     name = "dcgan"
     Params = DCGANParams
     ema_modules = ("G",)
@@ -188,14 +188,6 @@ class DCGAN(GANFamily):
         if resolved_settings(section)["d_norm"] == "batch" and section.loss == "wasserstein-gp":
             raise ValueError(f"train.{cls.name}.d_norm batch breaks wasserstein-gp's per-sample gradient penalty: "
                              f"use layer or none")
-
-    @classmethod
-    def kimg_overrides(cls, kimg: float) -> dict[str, float]:
-        return {"kimg": kimg}
-
-    def stages(self) -> list[StageSpec]:
-        r = self.params.resolution
-        return [StageSpec(f"{self.name}-r{r:04d}", 0, r, self.p.kimg)]
 
     def build(self, stage: StageSpec) -> dict[str, nn.Module]:
         p, r = self.p, stage.resolution

@@ -24,7 +24,7 @@ from torch import nn
 
 from ganforge.models import losses
 from ganforge.models.families.dcgan import Discriminator, Generator, feature_matching_loss
-from ganforge.models.family import Betas, GANFamily, Section, StageSpec, StepContext
+from ganforge.models.family import Betas, Section, SingleStageFamily, StageSpec, StepContext
 
 LABELLED_SPLIT = "labelled"
 
@@ -49,7 +49,7 @@ class SGANParams(Section):
     baseline: bool = Field(True, description="train the supervised-only baseline beside D (same data, same steps)")
 
 
-class SGAN(GANFamily):
+class SGAN(SingleStageFamily):
     name = "sgan"
     Params = SGANParams
     product = "classifier"
@@ -81,14 +81,8 @@ class SGAN(GANFamily):
             raise ValueError(f"family {self.name} is set for {self.classes} classes but the shards in {shards} have "
                              f"{len(classes)}: set train.{self.name}.num_classes: {len(classes)}")
 
-    @classmethod
-    def kimg_overrides(cls, kimg: float) -> dict[str, float]:
-        return {"kimg": kimg}
-
-    def stages(self) -> list[StageSpec]:
-        r = self.params.resolution
-        return [StageSpec(f"{self.name}-r{r:04d}", 0, r, self.p.kimg,
-                          info={"labelled_fraction": self.p.labelled_fraction})]
+    def stage_info(self) -> dict:
+        return {"labelled_fraction": self.p.labelled_fraction}
 
     def _d(self, resolution: int) -> Discriminator:
         p = self.p
