@@ -34,6 +34,7 @@ bench: install
 	$(PY) benchmarks/bench_textbook.py
 	$(PY) benchmarks/bench_biggan.py
 	$(PY) benchmarks/bench_curve.py
+	$(PY) benchmarks/bench_stylegan2.py
 
 # the same stages through DVC (dvc.yaml iterates dvc-stages.yaml, refreshed from params first); needs a git repository
 repro: install

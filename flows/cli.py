@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from ganforge.tasks.params import Params, load_params
+from ganforge.tasks.params import Params, ParamsError, load_params
 
 log = logging.getLogger("ganforge")
 
@@ -216,6 +216,39 @@ def cmd_sample(args: argparse.Namespace, params: Params) -> dict:
     return {"model": args.model, "n": args.n, "out": args.out, "shape": list(imgs.shape)}
 
 
+def _seeds(flag: str, text: str) -> list[int]:
+    """``1,2,3`` or ``0-4`` (inclusive) or a mix: ``0-2,7``."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        a, sep, b = part.partition("-")
+        if not (a.isdigit() and (not sep or b.isdigit())):
+            raise ParamsError(f"{flag} takes seeds like 1,2,3 or 0-4, got {text!r}")
+        out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    return out
+
+
+def cmd_stylemix(args: argparse.Namespace, params: Params) -> dict:
+    from ganforge.tasks.figures import stylemix
+    from ganforge.tasks.registry import setup_mlflow
+
+    rows, cols = _seeds("--rows", args.rows), _seeds("--cols", args.cols)
+    if str(args.model).startswith(("models:/", "runs:/")):
+        setup_mlflow(params.runtime)
+    return stylemix(args.model, rows, cols, args.layers, args.out,
+                    truncation=None if args.truncation == 1.0 else args.truncation)
+
+
+def _stylemix_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/VERSION or a checkpoint folder")
+    p.add_argument("--rows", default="0-3", help="seeds of the row sources, e.g. 1,2,3 or 0-3")
+    p.add_argument("--cols", default="4-8", help="seeds of the column sources (their styles replace the rows')")
+    p.add_argument("--layers", default="coarse",
+                   help="styles taken from the columns: coarse (4-8px), middle (16-32px), fine (64px+) or A-B")
+    p.add_argument("--truncation", type=float, default=1.0, help="psi toward w_avg for every source; 1: off")
+    p.add_argument("--out", default="stylemix.png")
+
+
 def cmd_pipeline(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.flows.pipeline import train_pipeline
 
@@ -348,6 +381,8 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
     "deploy": (cmd_deploy, [], "register the deployments on a work pool, for `prefect worker start --pool NAME`"),
     "models": (cmd_models, [], "list registered versions with metrics and aliases"),
     "sample": (cmd_sample, [], "draw a grid of images from a registered model (models:/NAME@alias)"),
+    "stylemix": (cmd_stylemix, [], "the style-mixing figure of a StyleGAN / StyleGAN2 model (registered or a "
+                                   "checkpoint): row sources, column sources and their mixes"),
     "dvc-stages": (cmd_dvc_stages, [],
                    "write dvc-stages.yaml (what dvc.yaml iterates) from params and each family's stage list"),
     "dvc-remote": (cmd_dvc_remote, [_Flag("--remote", "runtime.dvc_remote", help="DVC remote URL (s3://bucket/path, a folder)")],
@@ -443,6 +478,7 @@ EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "promote": _promote_args,
     "models": lambda p: p.add_argument("--model", default=None, help="only this registered name"),
     "sample": _sample_args,
+    "stylemix": _stylemix_args,
     "train": _train_args,
     "evaluate": _evaluate_args,
     "fid": _fid_args,

@@ -194,6 +194,10 @@ class GANFamily(ABC):
 
         return augment(getattr(self.params, "augment", "none"), x, ctx.generator)
 
+    def ema_half_life(self, stage: StageSpec, images_in_stage: int, half_life_images: float) -> float:
+        """The EMA half-life, in images, at this point of the stage (StyleGAN2 ramps it up from 0)."""
+        return half_life_images
+
     def ema_start(self, stage: StageSpec) -> int:
         """Real images into ``stage`` before which the EMA copies just follow the trained weights (BigGAN)."""
         return 0
@@ -264,6 +268,11 @@ class GANFamily(ABC):
             n = self.params.grid_size
             labels = [(i // n) % self.num_classes for i in range(len(seeds))]
         return self.sample(ema, stage, seeds, labels=labels, images_in_stage=images_in_stage)
+
+    def figures(self, ema: dict[str, nn.Module], stage: StageSpec, seeds: Sequence[int]) -> dict[str, tuple[torch.Tensor, int]]:
+        """Pictures beside the sample grid, logged to MLflow when training ends (StyleGAN's style mixing,
+        truncation sweep and interpolation): name -> (images in [-1, 1], images per row)."""
+        return {}
 
     def extra_scores(self, ema: dict[str, nn.Module], stage: StageSpec, batches: Callable[[], Any]) -> dict[str, float]:
         """Family-specific evaluation numbers (codebook usage, a classifier's accuracy, ...); ``batches()``

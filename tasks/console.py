@@ -22,6 +22,19 @@ _RAY_TRAIN_CHATTY = ("ray.train", "ray.tune", "ray.data")
 _state = {"verbose": False, "progress": True}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the stream of the moment ``configure``
+    ran: a CLI call made in-process (a notebook, a test capturing output) leaves no handler on a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure(*, verbose: bool = False, progress: bool = True) -> None:
     """Set up this process's terminal: ganforge at INFO (DEBUG with verbose), the rest at WARNING (DEBUG)."""
     _state.update(verbose=verbose, progress=progress)
@@ -29,7 +42,8 @@ def configure(*, verbose: bool = False, progress: bool = True) -> None:
     if not verbose:  # MLflow's per-download bars and INFO lines (its logger is set up when mlflow is imported)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format=FORMAT, force=True)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format=FORMAT, force=True,
+                        handlers=[_StderrHandler()])
     logging.getLogger("ganforge").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 

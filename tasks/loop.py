@@ -217,7 +217,7 @@ def run_stage(config: dict, session=None) -> dict:
 
     total = int(round(stage.kimg * 1000))
     every = max(1, int(round(params.checkpoint_kimg * 1000)))
-    beta = 0.5 ** (params.batch_size / (params.ema_half_life_kimg * 1000)) if family.use_ema(stage) else 0.0
+    use_ema = family.use_ema(stage)
     ema_start = family.ema_start(stage)
     grid_seeds = [params.seed * 1_000_003 + i for i in range(params.grid_size**2)]
     session.attach(Path(config["run_dir"]) if config.get("run_dir") else None, stage.name)
@@ -238,15 +238,17 @@ def run_stage(config: dict, session=None) -> dict:
                           dev, autocast, no_sync, next_batch)
         last = family.train_step(modules, opts, batch, stage, ctx)
         with torch.no_grad():
-            b = beta if images >= ema_start else 0.0  # before the EMA start, the copies follow the weights
+            b = 0.0  # before the EMA start (or without EMA) the copies follow the weights
+            if use_ema and images >= ema_start:
+                b = 0.5 ** (params.batch_size / family.ema_half_life(stage, images, params.ema_half_life_kimg * 1000))
             for k, e in ema.items():
                 if k in frozen:  # e.g. the prior stage's autoencoder: nothing changes
                     continue
                 src = _unwrap(modules[k])
                 for pe, p in zip(e.parameters(), src.parameters()):
                     pe.lerp_(p.detach(), 1.0 - b)
-                for be, b in zip(e.buffers(), src.buffers()):
-                    be.copy_(b)
+                for be, bs in zip(e.buffers(), src.buffers()):
+                    be.copy_(bs)
         prev_images = images
         step += 1
         shown = params.batch_size * (drawn - drawn_before)  # every real batch the step drew (n_critic > 1: several)

@@ -237,6 +237,37 @@ def log_training(summary: dict, run_dir: str | Path, params: Params, parent_run_
         if curve:
             mlflow.log_artifact(str(curve), artifact_path="plots")
         _log_fid_curve(run_dir, summary)
+        _log_figures(summary, run_dir, params)
+
+
+def _log_figures(summary: dict, run_dir: Path, params: Params) -> None:
+    """The family's figures of the final checkpoint (StyleGAN: style mixing, truncation sweep, interpolation)
+    in RUN_DIR/figures, logged beside the samples: ``figures/`` on the pipeline run and ``samples/`` on the last
+    stage's run."""
+    import mlflow
+
+    from ganforge.tasks.figures import write_figures
+
+    from ganforge.models.families import family_class
+    from ganforge.models.family import GANFamily
+
+    final = summary.get("final_checkpoint")
+    if not final or family_class(params.train.family).figures is GANFamily.figures:  # nothing to draw
+        return
+    seeds = [params.train.seed * 1_000_003 + i for i in range(12)]
+    pngs = write_figures(final, run_dir / "figures", seeds)
+    if not pngs:
+        return
+    for png in pngs:
+        mlflow.log_artifact(str(png), artifact_path="figures")
+    last = list(summary["stages"])[-1]
+    runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{mlflow.active_run().info.run_id}' and "
+                                            f"tags.stage = '{last}'", output_format="list")
+    if runs:
+        with mlflow.start_run(run_id=runs[0].info.run_id, nested=True):
+            for png in pngs:
+                mlflow.log_artifact(str(png), artifact_path="samples")
+    log.info("figures of %s: %s", final, ", ".join(p.name for p in pngs))
 
 
 def _log_fid_curve(run_dir: Path, summary: dict) -> None:

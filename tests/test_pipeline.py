@@ -185,3 +185,54 @@ def test_flow_runs_the_gan_families(harness, tmp_path, family):
 
     tags = MlflowClient().get_model_version(r["model"], r["version"]).tags
     assert tags["promotion.metric"] == "accuracy (higher is better)"
+
+
+@pytest.mark.parametrize("family", ["stylegan", "stylegan2"])
+def test_flow_runs_the_style_families(harness, tmp_path, family):
+    """StyleGAN grows 4 -> 8 through chained stages; StyleGAN2 trains class-conditionally on digits (the label
+    embedded into the mapping network) with its lazy regularizers. Both are evaluated and registered; the
+    registered model takes truncation psi as a lerp toward w_avg (psi = 0: one image for every seed) and labels,
+    refuses a psi outside [0, 1], and `ganforge stylemix` draws from it; the style-mixing, truncation and
+    interpolation figures are logged to the pipeline's MLflow run."""
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    from ganforge.flows.cli import main
+    from ganforge.flows.pipeline import train_pipeline
+    from ganforge.tasks.registry import sample_registered, setup_mlflow
+
+    section = dict(latent_dim=8, w_dim=8, mapping_layers=2)
+    conditional = family == "stylegan2"
+    if conditional:
+        section.update(channel_base=64, channel_max=8, kimg=0.064, conditional=True, r1_interval=2, pl_interval=2)
+    else:
+        section.update(fmap_base=32, fmap_max=8, transition_kimg=0.032, stabilize_kimg=0.032)
+    base = tiny(tmp_path, family, family=family, **{family: section}).model_dump(mode="json")
+    if conditional:
+        base["data"].update(source="digits", shards=str(tmp_path / "digits8"))
+        base["eval"].update(num_samples=30, class_min_images=2)
+    p = Params.model_validate(base)
+    r = train_pipeline(params=p, return_state=True).result()
+    assert r["fid"] > 0 and r["model"] == f"ganforge-{family}" and r["version"] == 1 and r["promoted"]
+    stages = list(json.loads((Path(p.train.out) / "summary.json").read_text())["stages"])
+    assert stages == (["stylegan2-r0008"] if conditional else ["stylegan-r0004", "stylegan-r0008"])
+    setup_mlflow(p.runtime)
+    uri = f"models:/{r['model']}@champion"
+    labels = [3, 3] if conditional else None
+    same = sample_registered(uri, [0, 1], truncation=0.0, labels=labels)
+    assert same.shape == (2, 8, 8, 3) and np.array_equal(same[0], same[1])  # the w_avg image
+    free = sample_registered(uri, [0, 1], labels=labels)
+    assert not np.array_equal(free[0], free[1])
+    with pytest.raises(Exception, match=r"truncation psi must be in \[0, 1\]"):
+        sample_registered(uri, [0], truncation=1.5, labels=labels and labels[:1])
+    if conditional:
+        assert not np.array_equal(*sample_registered(uri, [0, 0], labels=[0, 1]))
+    figures = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(run_id=r["mlflow_run_id"],
+                                                                           artifact_path="figures")}
+    last = stages[-1]
+    assert {f"{last}-stylemix-coarse.png", f"{last}-truncation.png", f"{last}-interpolation.png"} <= figures
+    out = tmp_path / "mix.png"
+    assert main(["-q", "stylemix", "--set", f"runtime.mlflow_tracking_uri={p.runtime.mlflow_tracking_uri}",
+                 "--model", uri, "--rows", "0,1", "--cols", "2-4", "--out", str(out)]) == 0
+    assert Image.open(out).size == (4 * 33 + 1, 3 * 33 + 1)

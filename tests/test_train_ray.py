@@ -69,6 +69,22 @@ def test_worker_death_mid_stage_is_recovered(digits_shards, tmp_path):
     assert 6 * 16 - meta["attempt_start_images"] <= 32 * 1.0001 + 16
 
 
+def test_stylegan2_worker_death_mid_stage_is_recovered(digits_shards, tmp_path):
+    """StyleGAN2 (lazy R1 and path-length steps, its running mean in the family state) loses a worker mid-stage:
+    Ray Train restarts the group from the latest checkpoint, not from scratch."""
+    marker = tmp_path / "killed"
+    d = ray_params(tmp_path, checkpoint_kimg=0.032).model_dump(mode="json")
+    d["train"].update(family="stylegan2_faulty", stylegan2_faulty=dict(
+        channel_base=64, channel_max=8, latent_dim=8, w_dim=8, mapping_layers=2, kimg=0.16, r1_interval=2,
+        pl_interval=2, fail_stage="stylegan2_faulty-r0008", fail_step=6, fail_rank=1, fail_marker=str(marker)))
+    p = Params.model_validate(d)
+    s = train(digits_shards, p.train.out, p)
+    assert marker.exists(), "the failure was injected"
+    meta = _meta(s["final_checkpoint"])
+    assert meta["images_in_stage"] == 160 and 0 < meta["attempt_start_images"] <= 6 * 16
+    assert load_state(s["final_checkpoint"])["family_state"]["pl_mean"] > 0
+
+
 def test_interrupted_run_resumes_on_rerun(digits_shards, tmp_path):
     p = faulty(ray_params(tmp_path, max_failures=0, checkpoint_kimg=0.032), fail_stage="progan-r0008",
                fail_step=5, fail_rank=0, fail_marker=str(tmp_path / "killed"))

@@ -152,6 +152,7 @@ class ProGAN(GANFamily):
     name = "progan"
     Params = ProGANParams
     ema_modules = ("G",)
+    stage_prefix = "progan"  # stages are <prefix>-r<resolution> (StyleGAN v1 reuses this plan as stylegan-r...)
 
     def __init__(self, params):
         super().__init__(params)
@@ -177,7 +178,7 @@ class ProGAN(GANFamily):
             idx = len(out)
             transition = 0.0 if idx == 0 else self.p.transition_kimg
             out.append(StageSpec(
-                name=f"progan-r{r:04d}", index=idx, resolution=r, kimg=transition + self.p.stabilize_kimg,
+                name=f"{self.stage_prefix}-r{r:04d}", index=idx, resolution=r, kimg=transition + self.p.stabilize_kimg,
                 info={"transition_kimg": transition},
             ))
         return out

@@ -26,14 +26,22 @@ class EqualizedConv2d(nn.Module):
 
 
 class EqualizedLinear(nn.Module):
-    def __init__(self, cin: int, cout: int, gain: float = SQRT2, bias: bool = True):
+    """Linear layer with the He constant applied at run time. ``lr_mul`` < 1 slows the layer's learning rate
+    (StyleGAN's mapping network: 0.01): weights are stored N(0, 1/lr_mul^2) and scaled by lr_mul at run time,
+    so Adam's steps move the effective weights lr_mul times as far. ``bias_init`` is the effective initial bias
+    (StyleGAN's style affines start at 1)."""
+
+    def __init__(self, cin: int, cout: int, gain: float = SQRT2, bias: bool = True, lr_mul: float = 1.0,
+                 bias_init: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(cout, cin))
-        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
-        self.scale = gain / math.sqrt(cin)
+        self.weight = nn.Parameter(torch.randn(cout, cin) / lr_mul)
+        self.bias = nn.Parameter(torch.full((cout,), float(bias_init) / lr_mul)) if bias else None
+        self.scale = gain * lr_mul / math.sqrt(cin)
+        self.lr_mul = lr_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.scale, self.bias)
+        b = self.bias if self.bias is None or self.lr_mul == 1.0 else self.bias * self.lr_mul
+        return F.linear(x, self.weight * self.scale, b)
 
 
 class PixelNorm(nn.Module):

@@ -5,7 +5,7 @@ PYTHONPATH, as installing a package would; Ray workers, CLI subprocesses and `dv
 - ``toyvae``: a small VAE trained by its ELBO, in two chained stages: a family without a discriminator,
   with family state (a KL warm-up counter) that must survive resume exactly.
 - ``toyinvert``: an image-to-image family (CycleGAN's shape) whose registered model translates images.
-- ``progan_faulty`` / ``vqgan_faulty``: ProGAN / VQ-GAN that kill their own worker once, at a configured
+- ``progan_faulty`` / ``vqgan_faulty`` / ``stylegan2_faulty``: ProGAN / VQ-GAN / StyleGAN2 that kill their own worker once, at a configured
   stage, step and rank (a marker file makes it happen once): how the tests inject failures from outside
   instead of through hooks in ganforge's production path.
 """
@@ -22,6 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from ganforge.models.families.progan import ProGAN, ProGANParams
+from ganforge.models.families.stylegan2 import StyleGAN2, StyleGAN2Params
 from ganforge.models.families.vqgan import VQGAN, VQGANParams
 from ganforge.models.family import GANFamily, Section, StageSpec, StepContext
 
@@ -221,6 +222,15 @@ class FaultyVQGANParams(VQGANParams, FaultParams):
 class FaultyVQGAN(_KillsItsWorkerOnce, VQGAN):
     name = "vqgan_faulty"
     Params = FaultyVQGANParams
+
+
+class FaultyStyleGAN2Params(StyleGAN2Params, FaultParams):
+    """StyleGAN2 that kills one of its workers once (tests only)."""
+
+
+class FaultyStyleGAN2(_KillsItsWorkerOnce, StyleGAN2):
+    name = "stylegan2_faulty"
+    Params = FaultyStyleGAN2Params
 
 
 # ----------------------------------------------------------------------------- a metric from outside
