@@ -137,3 +137,18 @@ def test_sampler_contract(digits_shards, tmp_path):
     assert fam.label_for(7) == 1
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
         fam.sample(ema, stage, [1], labels=[5])
+
+
+def test_every_ema_copy_is_an_average_of_its_module(digits_labelled_shards, tmp_path):
+    """Regression: the EMA update of the modules after the first (SGAN keeps G, D and C) must use the EMA's own
+    beta; a buffer of the first (G's BatchNorm step counter) once took its place, and D's copy diverged."""
+    p = TrainParams.model_validate(dict(family="sgan", resolution=16, batch_size=16, checkpoint_kimg=10,
+                                        sgan=dict(width=8, latent_dim=8)))
+    s = LocalSession(tmp_path / "s")
+    run_stage({"params": p.model_dump(mode="json"), "stage": 0, "shards": str(digits_labelled_shards),
+               "run_dir": None, "max_steps": 12}, s)
+    st = load_state(s.checkpoints[-1])
+    assert set(st["ema"]) == {"G", "D", "C"}
+    for m in st["ema"]:
+        gap = max(float((st["ema"][m][k].float() - st["modules"][m][k].float()).abs().max()) for k in st["ema"][m])
+        assert gap < 0.5, (m, gap)
