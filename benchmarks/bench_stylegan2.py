@@ -8,7 +8,9 @@
 (b) CUDA (when a GPU is present; skipped otherwise): 64px and 256px at the paper's width per resolution, batch 32,
     images/s of the family's step with AMP (bf16) + channels_last against fp32, with and without torch.compile of
     G and D, and peak memory.
-Usage: python benchmarks/bench_stylegan2.py [--kimg 0.48]
+Every rate is over steps 16-31 of a stage (after 16 warm-up steps), so each includes the same lazy R1 and
+path-length steps.
+Usage: python benchmarks/bench_stylegan2.py
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from pathlib import Path
 import torch
 
 
-def plain_loop(p, images: torch.Tensor, steps: int, device: str = "cpu", amp: bool = False,
-               channels_last: bool = False, compile_: bool = False) -> float:
-    """Images/s of the family's step in a bare loop (after 3 warm-up steps)."""
+WINDOW = 16  # steps per measurement: one R1 step (every 16) and four path-length steps (every 4) in each
+
+
+def plain_loop(p, images: torch.Tensor, device: str = "cpu", amp: bool = False, channels_last: bool = False,
+               compile_: bool = False) -> float:
+    """Images/s of the family's step in a bare loop: steps 16-31, after 16 warm-up steps (the same steps, and so
+    the same lazy-regularizer mix, as the shared loop's second report window)."""
     from ganforge.models.families import get_family
     from ganforge.models.family import StepContext
 
@@ -40,8 +46,8 @@ def plain_loop(p, images: torch.Tensor, steps: int, device: str = "cpu", amp: bo
     bs = p.train.batch_size
     batch = {"image": images[:bs].to(dev, memory_format=fmt), "label": torch.full((bs,), -1, device=dev)}
     t0 = None
-    for step in range(steps + 3):
-        if step == 3:
+    for step in range(2 * WINDOW):
+        if step == WINDOW:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -50,13 +56,11 @@ def plain_loop(p, images: torch.Tensor, steps: int, device: str = "cpu", amp: bo
         fam.train_step(mods, opts, batch, stage, ctx)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return steps * bs / (time.perf_counter() - t0)
+    return WINDOW * bs / (time.perf_counter() - t0)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--kimg", type=float, default=0.48, help="images per Ray / shared-loop measurement (thousands)")
-    a = ap.parse_args()
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -72,8 +76,8 @@ def main() -> None:
 
     def params(res: int, **section) -> Params:
         return Params.model_validate({"train": dict(
-            family="stylegan2", resolution=res, batch_size=32, checkpoint_kimg=1000, log_every=3,
-            stylegan2=dict(kimg=a.kimg, **section))})
+            family="stylegan2", resolution=res, batch_size=32, checkpoint_kimg=1000, log_every=WINDOW,
+            stylegan2=dict(kimg=2 * WINDOW * 32 / 1000, **section))})
 
     def cfg(p: Params, threads: int) -> dict:
         return {"params": p.train.model_dump(mode="json"), "stage": 0, "shards": str(tmp / "shards"),
@@ -83,11 +87,10 @@ def main() -> None:
     imgs, _ = next(iter_split(tmp / "shards", "train", 32))
     real = to_model_input(imgs, 32)
     torch.set_num_threads(2)
-    steps = max(4, int(a.kimg * 1000 / 32))
-    bare = plain_loop(p, real, steps)
+    bare = plain_loop(p, real)
     s = LocalSession(tmp / "local", device="cpu")
     run_stage(cfg(p, 2), s)
-    shared = s.reports[-2]["images_per_s"]
+    shared = s.reports[-1]["images_per_s"]  # steps 16-31
     init_ray(p.runtime)
     rates = {}
     for n in (1, 2):
@@ -114,7 +117,7 @@ def main() -> None:
         for amp, cl, comp in ((False, False, False), (True, True, False), (True, True, True)):
             torch.cuda.reset_peak_memory_stats()
             try:
-                r = plain_loop(pg, x, 20, "cuda", amp=amp, channels_last=cl, compile_=comp)
+                r = plain_loop(pg, x, "cuda", amp=amp, channels_last=cl, compile_=comp)
             except Exception as e:  # noqa: BLE001 - torch.compile can fail on a platform: say so, keep measuring
                 print(f"(b) {res}px amp={amp} compile={comp}: failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
