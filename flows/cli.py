@@ -224,6 +224,8 @@ def _seeds(flag: str, text: str) -> list[int]:
         a, sep, b = part.partition("-")
         if not (a.isdigit() and (not sep or b.isdigit())):
             raise ParamsError(f"{flag} takes seeds like 1,2,3 or 0-4, got {text!r}")
+        if sep and int(b) < int(a):
+            raise ParamsError(f"{flag}: the range {part} is empty (write it low-high, e.g. 0-4)")
         out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
     return out
 

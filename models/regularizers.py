@@ -47,12 +47,19 @@ def path_length_penalty(images: Tensor, w: Tensor, mean: Tensor, decay: float = 
     """StyleGAN2's (||J_w^T y|| - a)^2 with y ~ N(0, I)/sqrt(H W) and a the running mean of the lengths.
 
     ``w`` must be part of the graph that made ``images``; returns (penalty, updated running mean). The running
-    mean is family state (checkpointed by the family)."""
+    mean is family state (checkpointed by the family) and, under DDP, updated from the mean length over all
+    ranks, so every rank holds the same value."""
     n, _, h, wd = images.shape
     y = torch.randn(images.shape, generator=generator).to(images.device) / (h * wd) ** 0.5
     (grad,) = torch.autograd.grad((images * y).sum(), w, create_graph=True)
     lengths = grad.pow(2).sum(-1).mean(-1).sqrt() if grad.ndim == 3 else grad.pow(2).sum(-1).sqrt()
-    new_mean = mean.detach() + decay * (lengths.mean().detach() - mean.detach())
+    batch_mean = lengths.mean().detach()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank keeps the same running mean (the checkpoint holds rank 0's, and resume must be exact)
+        batch_mean = batch_mean.clone()
+        torch.distributed.all_reduce(batch_mean)
+        batch_mean /= torch.distributed.get_world_size()
+    new_mean = mean.detach() + decay * (batch_mean - mean.detach())
     return (lengths - new_mean).pow(2).mean(), new_mean
 
 

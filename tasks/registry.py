@@ -255,7 +255,12 @@ def _log_figures(summary: dict, run_dir: Path, params: Params) -> None:
     if not final or family_class(params.train.family).figures is GANFamily.figures:  # nothing to draw
         return
     seeds = [params.train.seed * 1_000_003 + i for i in range(12)]
-    pngs = write_figures(final, run_dir / "figures", seeds)
+    try:
+        pngs = write_figures(final, run_dir / "figures", seeds)
+    except Exception as e:  # noqa: BLE001 - pictures must not fail a run whose stages all trained
+        log.warning("figures of %s could not be drawn (%s: %s); training and its records are complete", final,
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return
     if not pngs:
         return
     for png in pngs:

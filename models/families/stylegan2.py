@@ -1,9 +1,11 @@
-"""StyleGAN2 (Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN"), config F's shape.
+"""StyleGAN2 (Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN").
 
 - Generator: the mapping network of StyleGAN (optionally class-conditional: an embedded label joins z), a learned
   4x4 constant, modulated 3x3 convolutions with weight demodulation (no AdaIN), noise and bias applied outside
   the style block, and skip connections: each resolution's toRGB output is added to the upsampled image.
-- Discriminator: residual, with minibatch standard deviation; a projection head when class-conditional.
+- Discriminator: residual, with minibatch standard deviation; a projection head when class-conditional (the
+  label through one embedding layer, where NVlabs uses a small mapping network). Its second convolution runs
+  after the FIR downsample, at half resolution (NVlabs: blur, then a stride-2 convolution).
 - Up/down-sampling with the FIR filter [1, 3, 3, 1] in plain PyTorch (``models/nn/style.py``).
 - Loss: non-saturating logistic; lazy R1 every ``r1_interval`` minibatches and lazy path-length regularization
   every ``pl_interval``, each scaled by its interval, with Adam's lr and betas adjusted as in the paper
@@ -279,7 +281,8 @@ class StyleGAN2(StyleControls, SingleStageFamily):
         gamma = self.r1_gamma()
         out: dict[str, float] = {}
 
-        # --- G main: non-saturating logistic (tracks w_avg)
+        # --- G main: non-saturating logistic; w_avg is tracked here only (NVlabs also updates it in the other
+        # generator passes, so its estimate moves somewhat faster there)
         z, z2, cut = self.mixing_latents(n, ctx, num_ws)
         with ctx.no_sync(D):
             with ctx.autocast():
