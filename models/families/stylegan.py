@@ -85,6 +85,13 @@ class StyleControls:
                    images_in_stage: int | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def check_cutoff(cls, train, section: StyleParams, styles: int) -> None:
+        """Refuse a truncation_cutoff beyond the ``styles`` of a train.resolution model, naming the key."""
+        if section.truncation_cutoff is not None and section.truncation_cutoff > styles:
+            raise ValueError(f"train.{cls.name}.truncation_cutoff ({section.truncation_cutoff}) is beyond the "
+                             f"{styles} styles of a {train.resolution}px {cls.name} model (styles 0-{styles - 1})")
+
     # --- training: two latents and a crossover layer, p = style_mixing_prob
     def mixing_latents(self, n: int, ctx: StepContext, num_ws: int):
         z = torch.randn(n, self.latent_dim, generator=ctx.generator).to(ctx.device)
@@ -208,14 +215,24 @@ class StyleControls:
 # ----------------------------------------------------------------------------- StyleGAN v1
 
 
-class StyleGANParams(Section):
+class StyleParams(Section):
+    """What StyleGAN and StyleGAN2 sections share: the mapping network, style mixing, w_avg and truncation."""
+
+    latent_dim: int = Field(128, ge=1, description="z dimensions (512 in the papers)")
+    w_dim: int = Field(128, ge=1, description="w dimensions (512 in the papers)")
+    mapping_layers: int = Field(8, ge=1, description="FC layers of the mapping network (NVlabs' small configs: 2)")
+    mapping_lr_mul: float = Field(0.01, gt=0, description="learning-rate multiplier of the mapping network")
+    style_mixing_prob: float = Field(0.9, ge=0, le=1, description="probability of a two-latent batch")
+    w_avg_beta: float = Field(0.995, ge=0, lt=1, description="decay of the tracked mean w")
+    truncation_cutoff: int | None = Field(None, ge=1, description="truncation moves styles 0..cutoff-1 (null: all)")
+    grid_truncation: float = Field(1.0, ge=0, le=1, description="psi of the checkpoint grids (1: none)")
+    minibatch_std_group: int = Field(4, ge=1)
+
+
+class StyleGANParams(StyleParams):
     """StyleGAN (v1): mapping network + AdaIN synthesis + noise, progressive stages with fade-in, style mixing."""
 
     start_resolution: Pow2 = Field(4, ge=4, description="first stage's resolution (power of two)")
-    latent_dim: int = Field(128, ge=1, description="z dimensions")
-    w_dim: int = Field(128, ge=1, description="w dimensions (512 in the paper)")
-    mapping_layers: int = Field(8, ge=1, description="FC layers of the mapping network")
-    mapping_lr_mul: float = Field(0.01, gt=0, description="learning-rate multiplier of the mapping network")
     fmap_base: int = Field(2048, ge=8, description="channels at 4x4 before the cap; halves per doubling")
     fmap_max: int = Field(128, ge=4, description="channel cap (512 in the paper; small for laptops)")
     fmap_min: int = Field(16, ge=1)
@@ -224,11 +241,6 @@ class StyleGANParams(Section):
     lr: float = Field(1e-3, gt=0)
     betas: Betas = (0.0, 0.99)
     r1_gamma: float = Field(10.0, ge=0, description="R1 weight (the loss is the non-saturating logistic one)")
-    style_mixing_prob: float = Field(0.9, ge=0, le=1, description="probability of a two-latent batch")
-    w_avg_beta: float = Field(0.995, ge=0, lt=1, description="decay of the tracked mean w")
-    truncation_cutoff: int | None = Field(None, ge=1, description="truncation moves styles 0..cutoff-1 (null: all)")
-    grid_truncation: float = Field(1.0, ge=0, le=1, description="psi of the checkpoint grids (1: none)")
-    minibatch_std_group: int = Field(4, ge=1)
 
 
 class _V1Layer(nn.Module):
@@ -292,10 +304,7 @@ class StyleGAN(StyleControls, ProGAN):
     @classmethod
     def check_params(cls, train, section: StyleGANParams) -> None:
         super().check_params(train, section)
-        n = 2 * (log2(train.resolution) - 1)
-        if section.truncation_cutoff is not None and section.truncation_cutoff > n:
-            raise ValueError(f"train.{cls.name}.truncation_cutoff ({section.truncation_cutoff}) is beyond the "
-                             f"{n} styles of a {train.resolution}px StyleGAN (styles 0-{n - 1})")
+        cls.check_cutoff(train, section, 2 * (log2(train.resolution) - 1))
 
     def num_ws(self, stage: StageSpec) -> int:
         return 2 * (log2(stage.resolution) - 1)

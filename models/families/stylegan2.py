@@ -30,21 +30,17 @@ from pydantic import Field
 from torch import nn
 
 from ganforge.models import losses, regularizers
-from ganforge.models.families.stylegan import StyleControls, StyleGenerator
-from ganforge.models.family import Betas, Section, SingleStageFamily, StageSpec, StepContext
+from ganforge.models.families.stylegan import StyleControls, StyleGenerator, StyleParams
+from ganforge.models.family import Betas, SingleStageFamily, StageSpec, StepContext
 from ganforge.models.nn.equalized import EqualizedConv2d, EqualizedLinear, MinibatchStd
 from ganforge.models.nn.style import FIR, MappingNetwork, NoiseInput, act, log2, modulated_conv2d
 
 log = logging.getLogger("ganforge.family")
 
 
-class StyleGAN2Params(Section):
+class StyleGAN2Params(StyleParams):
     """StyleGAN2: modulated convolutions, skip G, residual D, lazy R1 + path-length regularization, EMA ramp-up."""
 
-    latent_dim: int = Field(128, ge=1, description="z dimensions (512 in the paper)")
-    w_dim: int = Field(128, ge=1, description="w dimensions (512 in the paper)")
-    mapping_layers: int = Field(8, ge=1, description="FC layers of the mapping network (NVlabs' small configs: 2)")
-    mapping_lr_mul: float = Field(0.01, gt=0, description="learning-rate multiplier of the mapping network")
     channel_base: int = Field(2048, ge=4, description="channels at resolution r: min(channel_base / r, channel_max)")
     channel_max: int = Field(128, ge=1, description="channel cap (512 in the paper)")
     conditional: bool = Field(False, description="class-conditional: the label is embedded into the mapping network "
@@ -59,12 +55,7 @@ class StyleGAN2Params(Section):
     pl_interval: int = Field(4, ge=1, description="lazy path-length regularization: every this many minibatches")
     pl_decay: float = Field(0.01, gt=0, le=1, description="decay of the path-length running mean")
     pl_batch_shrink: int = Field(2, ge=1, description="the path-length batch is the batch / this")
-    style_mixing_prob: float = Field(0.9, ge=0, le=1, description="probability of a two-latent batch")
-    w_avg_beta: float = Field(0.995, ge=0, lt=1, description="decay of the tracked mean w")
     ema_rampup: float | None = Field(0.05, gt=0, description="EMA half-life <= this x images seen (null: none)")
-    truncation_cutoff: int | None = Field(None, ge=1, description="truncation moves styles 0..cutoff-1 (null: all)")
-    grid_truncation: float = Field(1.0, ge=0, le=1, description="psi of the checkpoint grids (1: none)")
-    minibatch_std_group: int = Field(4, ge=1)
 
 
 def channels(channel_base: int, channel_max: int):
@@ -205,10 +196,7 @@ class StyleGAN2(StyleControls, SingleStageFamily):
         if section.channel_base // R < 1:
             raise ValueError(f"train.{cls.name}.channel_base ({section.channel_base}) gives no channels at "
                              f"train.resolution {R}px (channels = channel_base / resolution): set it to at least {R}")
-        n = 2 * log2(R) - 2
-        if section.truncation_cutoff is not None and section.truncation_cutoff > n:
-            raise ValueError(f"train.{cls.name}.truncation_cutoff ({section.truncation_cutoff}) is beyond the "
-                             f"{n} styles of a {R}px StyleGAN2 (styles 0-{n - 1})")
+        cls.check_cutoff(train, section, 2 * log2(R) - 2)
 
     def r1_gamma(self) -> float:
         g = self.p.r1_gamma
