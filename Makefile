@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/bench_biggan.py
 	$(PY) benchmarks/bench_curve.py
 	$(PY) benchmarks/bench_stylegan2.py
+	$(PY) benchmarks/bench_cyclegan.py
 
 # the same stages through DVC (dvc.yaml iterates dvc-stages.yaml, refreshed from params first); needs a git repository
 repro: install

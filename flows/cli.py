@@ -72,6 +72,8 @@ def cmd_shard(args: argparse.Namespace, params: Params) -> dict:
         "classes": len(m["classes"]),
         "resolution": m["resolution"],
     }
+    if m.get("domains"):
+        summary["domains"] = {d: v["splits"] for d, v in m["domains"].items()}
     for s in m["skipped"][:20]:
         log.warning("skipped %s: %s", s["path"], s["reason"])
     if len(m["skipped"]) > 20:
@@ -251,19 +253,36 @@ def _stylemix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="stylemix.png")
 
 
+def cmd_translate(args: argparse.Namespace, params: Params) -> dict:
+    from ganforge.tasks.registry import setup_mlflow
+    from ganforge.tasks.translate import translate
+
+    if str(args.model).startswith(("models:/", "runs:/")):
+        setup_mlflow(params.runtime)
+    return translate(args.model, args.input, args.out, args.direction)
+
+
+def _translate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/VERSION or a checkpoint folder")
+    p.add_argument("--input", required=True, help="an image file or a folder of images (other sizes are resized)")
+    p.add_argument("--direction", default=None, help="AtoB or BtoA (CycleGAN); default: AtoB")
+    p.add_argument("--out", default="translated", help="folder for the translated PNGs (same relative names)")
+
+
 def cmd_pipeline(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.flows.pipeline import train_pipeline
 
     r = train_pipeline(params=params)
-    scores = "\n".join(f"  {k:13}: {v:.5g}" for k, v in r["scores"].items())
+    w = max([13, *map(len, r["scores"])])  # a translator's scores are per direction: fid_AtoB, ...
+    scores = "\n".join(f"  {k:{w}}: {v:.5g}" for k, v in r["scores"].items())
     print(
         f"\n== ganforge pipeline done ==\n"
-        f"  samples grid : {r['grid']}\n"
-        f"  evaluated on : {r['protocol']}, {r['num_samples']} samples\n{scores}\n"
-        f"  model        : {r['model']} version {r['version']} "
+        f"  {'samples grid':{w}}: {r['grid']}\n"
+        f"  {'evaluated on':{w}}: {r['protocol']}, {r['num_samples']} samples\n{scores}\n"
+        f"  {'model':{w}}: {r['model']} version {r['version']} "
         f"({'champion' if r['promoted'] else 'challenger'}: {r['decision']})\n"
-        f"  checkpoint   : {r['checkpoint']}\n"
-        f"  MLflow UI    : make mlflow-ui   (run {r['mlflow_run_id']})\n"
+        f"  {'checkpoint':{w}}: {r['checkpoint']}\n"
+        f"  {'MLflow UI':{w}}: make mlflow-ui   (run {r['mlflow_run_id']})\n"
     )
     return r
 
@@ -321,7 +340,9 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
     "shard": (
         cmd_shard,
         [
-            _Flag("--source", "data.source", help="image folder, .zip, digits, synthetic:<kind>[:N], torchvision:<NAME>"),
+            _Flag("--source", "data.source", help="image folder, .zip, digits, synthetic:<kind>[:N], photo:<china|flower>"
+                  "[:N], torchvision:<NAME>; a folder with trainA/ trainB/ (CycleGAN's layout) holds two domains"),
+            _Flag("--source-b", "data.source_b", help="domain B of unpaired two-domain data (CycleGAN); --source is A"),
             _Flag("--out", "data.shards", help="output folder"),
             _Flag("--resolution", "data.resolution", int, "output resolution (power of two)"),
             _Flag("--shard-size", "data.shard_size", int, "samples per shard"),
@@ -385,6 +406,8 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
     "sample": (cmd_sample, [], "draw a grid of images from a registered model (models:/NAME@alias)"),
     "stylemix": (cmd_stylemix, [], "the style-mixing figure of a StyleGAN / StyleGAN2 model (registered or a "
                                    "checkpoint): row sources, column sources and their mixes"),
+    "translate": (cmd_translate, [], "translate your own images with a translator (CycleGAN; registered or a "
+                                     "checkpoint), AtoB or BtoA, at the model's resolution"),
     "dvc-stages": (cmd_dvc_stages, [],
                    "write dvc-stages.yaml (what dvc.yaml iterates) from params and each family's stage list"),
     "dvc-remote": (cmd_dvc_remote, [_Flag("--remote", "runtime.dvc_remote", help="DVC remote URL (s3://bucket/path, a folder)")],
@@ -481,6 +504,7 @@ EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "models": lambda p: p.add_argument("--model", default=None, help="only this registered name"),
     "sample": _sample_args,
     "stylemix": _stylemix_args,
+    "translate": _translate_args,
     "train": _train_args,
     "evaluate": _evaluate_args,
     "fid": _fid_args,

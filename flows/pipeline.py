@@ -64,6 +64,7 @@ def source_fingerprint(source: str) -> str:
 def _shard_key(ctx, args: dict) -> str:
     params: Params = args["params"]
     return "shard-" + _sha([params.data.model_dump(mode="json"), source_fingerprint(params.data.source),
+                            source_fingerprint(params.data.source_b) if params.data.source_b else None,
                             str(Path(params.data.shards).resolve())])
 
 
@@ -184,6 +185,18 @@ def resolve(params: Params | None, overrides: dict[str, Any] | None) -> Params:
 _NOT_IN_TABLE = {"step", "kimg", "images_per_s"}
 
 
+def _plain_console() -> None:
+    """Prefect's console handler prints through rich with emoji codes on: ``photo:china:60`` would show a flag.
+    Log lines name sources, paths and URIs, so they are printed as they are."""
+    import logging
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for h in getattr(logger, "handlers", []):
+            console = getattr(h, "console", None)
+            if console is not None and hasattr(console, "_emoji"):
+                console._emoji = False
+
+
 @flow(name="train-pipeline", on_cancellation=[_stop_ray], on_crashed=[_stop_ray], log_prints=True)
 def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """Shard -> train every stage -> evaluate -> register -> promote, on params.yaml (overridable)."""
@@ -192,6 +205,7 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     from ganforge.tasks.runtime import init_ray
 
     params = resolve(params, overrides)
+    _plain_console()
     logger = get_run_logger()
     init_ray(params.runtime)
     # a cached result is only valid while its output exists: recompute when the shards are gone

@@ -102,6 +102,11 @@ class GANFamily(ABC):
     # what the registry registers: "generator" (seeds -> images), "translator" (images -> images, e.g. CycleGAN)
     # or "classifier" (images -> class probabilities, e.g. the semi-supervised GAN's discriminator)
     product: ClassVar[str] = "generator"
+    # an unpaired translator's image domains and its directions, each (source domain, target domain) (CycleGAN:
+    # ("A", "B"); AtoB, BtoA; the first is the default): it trains on two-domain shards (trainA/trainB), which
+    # every other family refuses
+    domains: ClassVar[tuple[str, ...]] = ()
+    directions: ClassVar[dict[str, tuple[str, str]]] = {}
     # the evaluation number the promotion gate compares unless registry.gate_metric says otherwise, and which
     # way it improves: FID for generators; a classifier's accuracy
     gate: ClassVar[tuple[str, str]] = ("fid", "lower")
@@ -118,7 +123,17 @@ class GANFamily(ABC):
 
     def check_data(self, manifest: dict, shards: Any) -> None:
         """Refuse shards this family cannot train on (ValueError, one line), before any worker starts. By default:
-        a class-conditional family needs shards with exactly its number of classes."""
+        a class-conditional family needs shards with exactly its number of classes; two-domain shards are for a
+        family with ``domains``, and it needs them."""
+        two = manifest.get("kind") == "two-domain"
+        if two and not self.domains:
+            raise ValueError(f"the shards in {shards} hold two unpaired domains (trainA/trainB): family {self.name} "
+                             f"trains on one; shard a single source for it, or train an unpaired translator "
+                             f"(train.family: cyclegan)")
+        if self.domains and not two:
+            raise ValueError(f"family {self.name} translates between two unpaired domains but the shards in {shards} "
+                             f"hold one: shard with `ganforge shard --source A --source-b B`, or a folder with "
+                             f"trainA/ trainB/ testA/ testB/")
         if not self.num_classes:
             return
         classes = manifest.get("classes") or []
@@ -162,6 +177,14 @@ class GANFamily(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned: on resume, and when a stage starts from the previous stage's
         checkpoint (override to reset what must not carry over)."""
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """State that differs per worker (CycleGAN's image pools of this rank's own fakes): every rank saves its
+        own beside its RNG state, and gets it back on resume (not when a stage starts from another stage)."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`rank_state_dict` returned on this rank (empty when the checkpoint has none for it)."""
 
     @abstractmethod
     def train_step(self, modules: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], batch: Batch,
@@ -257,17 +280,21 @@ class GANFamily(ABC):
         return {}
 
     def grid(self, ema: dict[str, nn.Module], stage: StageSpec, seeds: Sequence[int],
-             real_fn: Callable[[], torch.Tensor], images_in_stage: int | None = None) -> torch.Tensor:
+             real_fn: Callable[..., torch.Tensor], images_in_stage: int | None = None) -> torch.Tensor:
         """The checkpoint's sample grid (grid_size x grid_size): one row per class for conditional families;
         ``real_fn()`` gives fixed real images (for reconstructions; shown as they are by a family that cannot
-        sample, such as a classifier)."""
+        sample, such as a classifier); ``real_fn(split)`` reads another split (two-domain shards: "testA", ...)."""
         if not self.can_sample(stage):
-            return real_fn() if self.product != "translator" else self.translate(ema, stage, real_fn())
+            return real_fn() if self.product != "translator" else self.translate_images(ema, stage, real_fn())
         labels = None
         if self.num_classes:
             n = self.params.grid_size
             labels = [(i // n) % self.num_classes for i in range(len(seeds))]
         return self.sample(ema, stage, seeds, labels=labels, images_in_stage=images_in_stage)
+
+    def grid_columns(self, stage: StageSpec) -> int:
+        """Images per row of the checkpoint grid (CycleGAN: the six of A | G(A) | F(G(A)) | B | F(B) | G(F(B)))."""
+        return self.params.grid_size
 
     def figures(self, ema: dict[str, nn.Module], stage: StageSpec, seeds: Sequence[int]) -> dict[str, tuple[torch.Tensor, int]]:
         """Pictures beside the sample grid, logged to MLflow when training ends (StyleGAN's style mixing,
@@ -283,9 +310,25 @@ class GANFamily(ABC):
     score_directions: ClassVar[dict[str, str]] = {}  # extra score -> "lower" / "higher" is better
 
     # --- the other products
-    def translate(self, ema: dict[str, nn.Module], stage: StageSpec, images: torch.Tensor) -> torch.Tensor:
-        """product == "translator": images in [-1, 1] (NCHW) -> translated images in [-1, 1]."""
+    def translate(self, ema: dict[str, nn.Module], stage: StageSpec, images: torch.Tensor,
+                  direction: str | None = None) -> torch.Tensor:
+        """product == "translator": images in [-1, 1] (NCHW) -> translated images in [-1, 1]; ``direction`` is
+        one of ``directions`` for a two-domain translator (None: the first)."""
         raise NotImplementedError(f"family {self.name} does not translate images")
+
+    def translate_images(self, ema: dict[str, nn.Module], stage: StageSpec, images: torch.Tensor,
+                         direction: str | None = None) -> torch.Tensor:
+        """:meth:`translate` with ``direction`` checked against ``directions``: what evaluation, the grids, the
+        registered model and ``ganforge translate`` call."""
+        if not self.directions:
+            if direction is not None:
+                raise ValueError(f"family {self.name} translates one way and takes no direction (got {direction!r})")
+            return self.translate(ema, stage, images)
+        if direction is None:
+            direction = next(iter(self.directions))
+        if direction not in self.directions:
+            raise ValueError(f"direction must be one of {', '.join(self.directions)}, got {direction!r}")
+        return self.translate(ema, stage, images, direction)
 
     def classify(self, ema: dict[str, nn.Module], stage: StageSpec, images: torch.Tensor) -> torch.Tensor:
         """product == "classifier": images in [-1, 1] (NCHW) -> class probabilities [N, num_classes]."""

@@ -74,19 +74,24 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def restore_rng(ckpt_dir: str | Path, rank: int) -> None:
-    """Continue this rank's global RNG streams where the checkpoint left them (when it has them)."""
+def restore_rng(ckpt_dir: str | Path, rank: int) -> dict:
+    """Continue this rank's global RNG streams where the checkpoint left them (when it has them); returns this
+    rank's family state (:meth:`GANFamily.rank_state_dict`; empty when the checkpoint has none for this rank)."""
     path = Path(ckpt_dir) / f"rng-{rank}.pt"
-    if path.exists():
-        set_rng_state(torch.load(path, weights_only=True))
+    if not path.exists():
+        return {}
+    st = torch.load(path, weights_only=True)
+    set_rng_state(st)
+    return st.get("family") or {}
 
 
-def write_checkpoint(folder: str | Path, rank: int, state: dict | None, metrics: dict) -> None:
-    """Write one rank's part of a checkpoint into ``folder``: its RNG state, and on rank 0 (``state`` given) the
-    complete state (weights, EMA, optimizers, counters, family state, resolved params) and ``meta.json``, the
-    human-readable summary, written last."""
+def write_checkpoint(folder: str | Path, rank: int, state: dict | None, metrics: dict,
+                     rank_state: dict | None = None) -> None:
+    """Write one rank's part of a checkpoint into ``folder``: its RNG state and its own family state
+    (``rank_state``), and on rank 0 (``state`` given) the complete state (weights, EMA, optimizers, counters,
+    family state, resolved params) and ``meta.json``, the human-readable summary, written last."""
     folder = Path(folder)
-    torch.save(rng_state(), folder / f"rng-{rank}.pt")
+    torch.save({**rng_state(), **({"family": rank_state} if rank_state else {})}, folder / f"rng-{rank}.pt")
     if state is None:
         return
     torch.save(state, folder / STATE)

@@ -146,6 +146,7 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 512,
         split: str = "train",
         start_batch: int = 0,
+        load_size: int | None = None,
     ):
         m = read_manifest(shards)
         self._configure(m, shards, resolution)
@@ -156,6 +157,11 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.xflip, self.shuffle_buffer = xflip and self.flippable, shuffle_buffer
         self.start_batch = start_batch  # batches of this rank already consumed (exact resume)
+        # resize-then-random-crop (pix2pix/CycleGAN's load_size -> crop_size): a random resolution^2 window of the
+        # image resized to load_size^2; None or == resolution: no crop
+        self.load_size = load_size if load_size and load_size != resolution else None
+        if self.load_size is not None and self.load_size < resolution:
+            raise ValueError(f"load_size {load_size} is smaller than the crop ({resolution}px)")
 
     flippable = True
 
@@ -236,7 +242,14 @@ class TrainStream(IterableDataset):
         if self.xflip:
             flip = flip_rng.random(len(imgs)) < 0.5
             x[flip] = x[flip, :, ::-1]
-        return to_model_input(x, self.resolution), torch.tensor(labels, dtype=torch.long)
+        if self.load_size is None:
+            return to_model_input(x, self.resolution), torch.tensor(labels, dtype=torch.long)
+        t = torch.nn.functional.interpolate(to_model_input(x, x.shape[1]), size=(self.load_size, self.load_size),
+                                            mode="bicubic", align_corners=False, antialias=True).clamp_(-1, 1)
+        r, span = self.resolution, self.load_size - self.resolution + 1
+        offsets = flip_rng.integers(0, span, size=(len(imgs), 2))
+        crops = torch.stack([t[i, :, y : y + r, x0 : x0 + r] for i, (y, x0) in enumerate(offsets.tolist())])
+        return crops.contiguous(), torch.tensor(labels, dtype=torch.long)
 
 
 class TokenStream(TrainStream):
@@ -285,6 +298,31 @@ class LabelledMixStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for (xl, yl), (xu, yu) in zip(self.labelled, self.unlabelled):
             yield torch.cat([xl, xu]), torch.cat([yl, torch.full_like(yu, -1)])
+
+
+class DomainPairStream(IterableDataset):
+    """Endless unpaired batches ``(images of domain A, images of domain B)`` of a two-domain shard set (trainA,
+    trainB): each domain is its own rank-split stream with its own shuffle, so the pairs carry no correspondence;
+    resize-then-random-crop (``load_size``) and flips as in pytorch-CycleGAN-and-pix2pix. Resume-exact like
+    :class:`TrainStream`."""
+
+    fields = ("image_a", "image_b")
+
+    def __init__(self, shards: str | Path, resolution: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, xflip: bool = False, start_batch: int = 0, load_size: int | None = None):
+        from ganforge.tasks.shard import is_two_domain
+
+        m = read_manifest(shards)
+        if not is_two_domain(m):
+            raise ValueError(f"{shards} holds one image domain; unpaired translation needs two: shard with "
+                             f"`ganforge shard --source A --source-b B` or a folder with trainA/ trainB/")
+        kw = dict(rank=rank, world_size=world_size, xflip=xflip, start_batch=start_batch, load_size=load_size)
+        self.a = TrainStream(shards, resolution, batch_size, split="trainA", seed=seed * 7919 + 1, **kw)
+        self.b = TrainStream(shards, resolution, batch_size, split="trainB", seed=seed * 7919 + 2, **kw)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for (xa, _), (xb, _) in zip(self.a, self.b):
+            yield xa, xb
 
 
 def train_loader(stream: TrainStream, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

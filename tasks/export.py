@@ -61,10 +61,17 @@ def load_export(weights: str | Path, config: str | Path, device: str = "cpu"):
     return family, stage, ema
 
 
-def predict(family, stage, ema, model_input) -> np.ndarray:
+def predict(family, stage, ema, model_input, params: dict | None = None) -> np.ndarray:
     """What the registered model does, by the family's product: a generator takes a frame of ``seed`` (and
     optional ``label`` and ``truncation``) and returns uint8 images N x H x W x 3; a translator takes uint8
-    images and returns translated ones; a classifier takes uint8 images and returns class probabilities."""
+    images (and, translating between two domains, the param ``direction``: AtoB or BtoA) and returns translated
+    ones; a classifier takes uint8 images and returns class probabilities."""
+    direction = (params or {}).get("direction")
+    if direction is not None and family.product != "translator":
+        raise ValueError(f"a {family.product} takes no direction (got {direction!r})")
+    if direction is not None and direction not in family.directions:
+        allowed = ", ".join(family.directions) or "none: this translator has one direction"
+        raise ValueError(f"direction must be one of {allowed}; got {direction!r}")
     if family.product == "generator":
         return predict_images(family, stage, ema, model_input)
     from ganforge.tasks.data import to_model_input
@@ -75,10 +82,10 @@ def predict(family, stage, ema, model_input) -> np.ndarray:
             or arr.shape[1] % r:
         raise ValueError(f"{family.product} input must be uint8 images N x H x W x 3 with H = W a multiple of {r}, "
                          f"got {arr.dtype} {arr.shape}")
-    x = to_model_input(np.ascontiguousarray(arr), r)
+    x = to_model_input(np.array(arr, copy=True), r)  # a copy: the caller's array may be read-only
     with torch.inference_mode():
         if family.product == "translator":
-            return quantize(family.translate(ema, stage, x)).numpy()
+            return quantize(family.translate_images(ema, stage, x, direction)).numpy()
         if family.product == "classifier":
             return family.classify(ema, stage, x).float().numpy()
     raise ValueError(f"family {family.name} has an unknown product {family.product!r}")

@@ -36,6 +36,7 @@ class ImageSet:
     count: int = 0
     seed: int = 0
     source: str = ""
+    direction: str = ""  # translations of a two-domain translator: AtoB, BtoA
 
     def describe(self) -> dict:
         d = {"kind": self.kind, "path": self.path, "count": self.count}
@@ -45,6 +46,8 @@ class ImageSet:
             d["seed"] = self.seed
         if self.kind in ("reconstructions", "translations"):
             d.update(source=self.source, split=self.split)
+        if self.direction:
+            d["direction"] = self.direction
         return d
 
 
@@ -106,7 +109,8 @@ def _read_slice(s: ImageSet, start: int, stop: int, batch: int) -> Iterator[np.n
             yield quantize(family.sample(ema, stage, seeds)).numpy()
     elif s.kind in ("reconstructions", "translations"):
         family, stage, ema, _ = load_generator(s.path)
-        fn = family.reconstruct if s.kind == "reconstructions" else (lambda e, x: family.translate(e, stage, x))
+        fn = family.reconstruct if s.kind == "reconstructions" else \
+            (lambda e, x: family.translate_images(e, stage, x, s.direction or None))
         for imgs, _ in iter_split(s.source, s.split, batch, start=start, stop=stop):
             with torch.inference_mode():
                 yield quantize(fn(ema, to_model_input(imgs, stage.resolution))).numpy()

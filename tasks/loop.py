@@ -29,7 +29,7 @@ from torch import nn
 from ganforge.models.family import GANFamily, StageSpec, StepContext
 from ganforge.models.families import get_family
 from ganforge.tasks.checkpoint import GRID, checkpoint_dir, load_state, restore_rng, write_checkpoint
-from ganforge.tasks.data import LabelledMixStream, TokenStream, TrainStream, iter_split, to_model_input, train_loader
+from ganforge.tasks.data import DomainPairStream, LabelledMixStream, TokenStream, TrainStream, iter_split, to_model_input, train_loader
 from ganforge.tasks.history import record_report
 from ganforge.tasks.images import save_grid
 from ganforge.tasks.params import TrainParams
@@ -167,7 +167,7 @@ def run_stage(config: dict, session=None) -> dict:
             step, images = state["step"], state["images_in_stage"]
             drawn = int(state.get("batches_drawn", step))
             family.load_state_dict(state.get("family_state") or {})
-            restore_rng(d, rank)
+            family.load_rank_state_dict(restore_rng(d, rank))
         else:
             if state is not None:
                 family.grow(modules, state["modules"])
@@ -204,6 +204,9 @@ def run_stage(config: dict, session=None) -> dict:
     if stage.info.get("labelled_fraction"):  # semi-supervised: labelled images in every batch
         labelled = min(per_rank - 1, max(1, round(per_rank * stage.info["labelled_fraction"])))
         stream = LabelledMixStream(config["shards"], stage.resolution, per_rank, labelled=labelled, **stream_kw)
+    elif stage.info.get("data") == "two-domain":  # unpaired translation: (A, B) batches, resize-then-crop
+        stream = DomainPairStream(config["shards"], stage.resolution, per_rank, load_size=stage.info.get("load_size"),
+                                  **stream_kw)
     else:
         stream_cls = TokenStream if stage.info.get("data") == "tokens" else TrainStream
         stream = stream_cls(config["shards"], stage.resolution, per_rank, **stream_kw)
@@ -222,9 +225,9 @@ def run_stage(config: dict, session=None) -> dict:
     grid_seeds = [params.seed * 1_000_003 + i for i in range(params.grid_size**2)]
     session.attach(Path(config["run_dir"]) if config.get("run_dir") else None, stage.name)
 
-    def grid_real() -> torch.Tensor:
-        """The first grid_size^2 train images (fixed across checkpoints and resumes), at this stage's size."""
-        imgs, _ = next(iter_split(config["shards"], "train", params.grid_size**2))
+    def grid_real(split: str = "train") -> torch.Tensor:
+        """The first grid_size^2 images of a split (fixed across checkpoints and resumes), at this stage's size."""
+        imgs, _ = next(iter_split(config["shards"], split, params.grid_size**2))
         return to_model_input(imgs, stage.resolution).to(dev)
     max_steps = config.get("max_steps")
 
@@ -283,8 +286,8 @@ def run_stage(config: dict, session=None) -> dict:
                             "params": params.model_dump(mode="json"),
                         }
                         imgs = family.grid(ema, stage, grid_seeds, grid_real, images_in_stage=images).cpu()
-                        save_grid(imgs, Path(tmp) / GRID, params.grid_size)
-                    write_checkpoint(tmp, rank, state, metrics)
+                        save_grid(imgs, Path(tmp) / GRID, family.grid_columns(stage))
+                    write_checkpoint(tmp, rank, state, metrics, family.rank_state_dict())
                     session.report(metrics, tmp, name)
                 ckpt_path = name
             else:

@@ -40,7 +40,11 @@ _Section = Section  # every params section forbids unknown keys
 
 
 class DataParams(_Section):
-    source: str = Field("digits", description="image folder, .zip, 'digits', 'synthetic:KIND[:N]' or 'torchvision:NAME'")
+    source: str = Field("digits", description="image folder, .zip, 'digits', 'synthetic:KIND[:N]', 'photo:china|flower[:N]' "
+                                              "or 'torchvision:NAME'")
+    source_b: str | None = Field(
+        None, description="unpaired translation (CycleGAN): domain B, any source as above, and the source is domain "
+                          "A; a source folder in CycleGAN's trainA/ trainB/ testA/ testB/ layout needs none")
     shards: str = Field("data/shards", description="output folder of the WebDataset shards and manifest.json")
     resolution: Pow2 = Field(32, ge=4, le=4096, description="square output resolution, a power of two")
     shard_size: int = Field(1000, ge=1, description="samples per tar shard")

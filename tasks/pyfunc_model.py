@@ -15,7 +15,8 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 
 class GanforgeModel(PythonModel):
     """A generator takes a frame of ``seed`` (optional ``label``, ``truncation``) and returns uint8 images
-    N x H x W x 3; a translator or a classifier takes uint8 images N x H x W x 3 (as the signature says)."""
+    N x H x W x 3; a translator or a classifier takes uint8 images N x H x W x 3 (as the signature says), a
+    two-domain translator with the param ``direction`` (AtoB, BtoA)."""
 
     def load_context(self, context: PythonModelContext) -> None:
         from ganforge.tasks.export import load_export
@@ -25,7 +26,7 @@ class GanforgeModel(PythonModel):
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         from ganforge.tasks.export import predict
 
-        return predict(self.family, self.stage, self.ema, model_input)
+        return predict(self.family, self.stage, self.ema, model_input, params)
 
 
 mlflow.models.set_model(GanforgeModel())

@@ -357,7 +357,7 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
     import pandas as pd
     from mlflow import MlflowClient
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     family, stage, ema, _ = load_generator(checkpoint)  # the checkpoint, not params, says what it is
     if evaluation and evaluation.get("checkpoint") and not same_checkpoint(evaluation["checkpoint"], checkpoint):
@@ -381,10 +381,14 @@ def register(checkpoint: str, evaluation: dict | None, params: Params, run_id: s
         inputs = Schema([ColSpec("long", "seed"), ColSpec("double", "truncation", required=False),
                          ColSpec("long", "label", required=False)])
     else:  # translator / classifier: uint8 images in
-        example = _example_images(params, stage.resolution)
+        example = _example_images(params, stage.resolution, family)
         inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))])
     out_example = predict(family, stage, ema, example)
-    signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(out_example.dtype, (-1, *out_example.shape[1:]))]))
+    # a two-domain translator's direction is a param of predict (its default: the first direction)
+    param_schema = ParamSchema([ParamSpec("direction", "string", next(iter(family.directions)))]) \
+        if family.directions else None
+    signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(out_example.dtype, (-1, *out_example.shape[1:]))]),
+                               params=param_schema)
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="ganforge-export-") as tmp:
         # models-from-code: the model's code is a file, its weights are data (nothing is pickled)
         info = _retry(
@@ -465,12 +469,15 @@ def version_description(family, stage, evaluation: dict | None, data_sha256: str
     return "\n\n".join(lines)
 
 
-def _example_images(params: Params, resolution: int) -> np.ndarray:
-    """Two real images of the run's data (the input example of an image-taking model)."""
+def _example_images(params: Params, resolution: int, family=None) -> np.ndarray:
+    """Two real images of the run's data (the input example of an image-taking model; a two-domain translator's
+    from the source domain of its default direction)."""
     from ganforge.tasks.data import iter_split
+    from ganforge.tasks.shard import domain_split
 
+    split = domain_split("val", next(iter(family.directions.values()))[0]) if family and family.directions else "val"
     try:
-        imgs, _ = next(iter_split(params.data.shards, "val", 2))
+        imgs, _ = next(iter_split(params.data.shards, split, 2))
     except (FileNotFoundError, StopIteration, ValueError, KeyError):
         return np.zeros((2, resolution, resolution, 3), np.uint8)
     return np.ascontiguousarray(imgs[:, :: imgs.shape[1] // resolution, :: imgs.shape[2] // resolution])

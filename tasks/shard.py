@@ -15,6 +15,7 @@ carry fixed metadata, so DVC hashes are stable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -113,9 +114,33 @@ class _SplitWriter:
         return {"count": sum(s["count"] for s in self.shards), "shards": self.shards}
 
 
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` that replaces it when the block succeeds and is removed when it fails, so a
+    failed or interrupted run never leaves half a shard set where the last good one was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for p in clean_stale(out):
+        log.info("removed %s, left by a run that died", p)
+    tmp = owned_name(out, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
 def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = True) -> dict:
-    """Shard ``source`` into ``out``; returns the manifest. See the module docstring."""
+    """Shard ``source`` into ``out``; returns the manifest. See the module docstring. A two-domain source
+    (``data.source_b`` set, or a folder in CycleGAN's trainA/ trainB/ layout) goes to :func:`shard_domains`."""
     out = Path(out)
+    if data.source_b or is_domain_layout(source):
+        return shard_domains(source, data.source_b, out, data, progress=progress)
     listing = list_source(source, download=data.download, torchvision_root=data.torchvision_root)
     cands = listing.candidates
     skipped = list(listing.skipped)
@@ -133,12 +158,7 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
         raise ShardError("--labelled-per-class needs a labelled source (class subfolders, digits, synthetic:shapes): "
                          f"{source!r} has no classes")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for p in clean_stale(out):
-        log.info("removed %s, left by a run that died", p)
-    tmp = owned_name(out, "tmp")
-    tmp.mkdir()
-    try:
+    with _staging(out) as tmp:
         writers = {s: _SplitWriter(tmp, s, data.shard_size) for s in SPLITS + ((LABELLED,) if per_class else ())}
         ext = data.image_format
         log.info("sharding %d candidates from %s at %dx%d (%s) with %d workers", len(jobs), source, data.resolution, data.resolution, ext, data.workers)
@@ -192,12 +212,117 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
             **({"labelled": {"per_class": per_class, "split": LABELLED,
                              "keys": sorted(k for v in labelled_keys.values() for k in v)}} if per_class else {}),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_manifest(tmp, manifest)
     log.info("wrote %d images (%s) to %s; skipped %d", count, {s: v["count"] for s, v in splits.items()}, out, len(skipped))
+    return manifest
+
+
+# ----------------------------------------------------------------------------- two domains (unpaired translation)
+
+DOMAINS = ("A", "B")
+TWO_DOMAIN = "two-domain"  # manifest["kind"] of a two-domain shard set
+
+
+def domain_split(split: str, domain: str) -> str:
+    """The shard split of one domain, by CycleGAN's names: ("train" | "val"/"test") x ("A" | "B") -> trainA, ..."""
+    return ("train" if split == "train" else "test") + domain
+
+
+def is_domain_layout(source: str) -> bool:
+    """A folder in pytorch-CycleGAN-and-pix2pix's layout: trainA/ and trainB/ (and usually testA/ testB/)."""
+    p = Path(source)
+    return "://" not in source and p.is_dir() and (p / "trainA").is_dir() and (p / "trainB").is_dir()
+
+
+def is_two_domain(manifest: dict) -> bool:
+    return manifest.get("kind") == TWO_DOMAIN
+
+
+def shard_domains(source: str, source_b: str | None, out: str | Path, data: DataParams, *,
+                  progress: bool = True) -> dict:
+    """Shard two unpaired image domains into one shard set with the splits trainA, testA, trainB and testB.
+
+    ``source`` is a folder in CycleGAN's layout (``trainA/ trainB/ testA/ testB/``; a missing test folder is
+    held out of its train folder by ``data.val_fraction``) when ``source_b`` is None; otherwise ``source`` is
+    domain A and ``source_b`` domain B, any single-domain source each, split by ``data.val_fraction``. The
+    manifest records per-domain sources, counts and skipped files, and every shard's sha256."""
+    out = Path(out)
+    if data.labelled_per_class:
+        raise ShardError("--labelled-per-class needs a labelled source; two-domain (unpaired) data has no classes")
+    if source_b is None:
+        root = Path(source)
+        plan = {d: {part: str(root / f"{part}{d}") for part in ("train", "test") if (root / f"{part}{d}").is_dir()}
+                for d in DOMAINS}
+    else:
+        plan = {"A": {"train": source}, "B": {"train": source_b}}
+    jobs: list[tuple[Candidate, int, str]] = []
+    where: list[tuple[str, str]] = []  # (domain, split) of each job
+    domains: dict[str, dict] = {}
+    for i, (d, parts) in enumerate(plan.items()):
+        listed = {}
+        for part, src in parts.items():
+            try:
+                listing = list_source(src, download=data.download, torchvision_root=data.torchvision_root)
+            except SourceError as e:
+                raise ShardError(f"domain {d} ({src}): {e}") from None
+            if not listing.candidates:
+                raise ShardError(f"domain {d} ({src}) holds no image file ({len(listing.skipped)} other file(s))")
+            listed[part] = listing
+        train = listed["train"].candidates
+        order = np.random.default_rng([data.seed, i]).permutation(len(train))
+        if "test" in listed:
+            test = listed["test"].candidates
+            test_order = np.random.default_rng([data.seed, i, 1]).permutation(len(test))
+            split_of = [("train", train[k]) for k in order] + [("test", test[k]) for k in test_order]
+        else:
+            n_test = min(math.ceil(data.val_fraction * len(train)), len(train) - 1) if data.val_fraction > 0 else 0
+            split_of = [("test" if pos < n_test else "train", train[k]) for pos, k in enumerate(order)]
+        kept = 0
+        for part, cand in split_of:
+            if part == "train" and data.max_train_images:
+                if kept >= data.max_train_images:
+                    continue
+                kept += 1
+            jobs.append((Candidate(cand.ref if len(parts) == 1 else f"{part}{d}/{cand.ref}", None, cand.kind,
+                                   cand.locator), data.resolution, data.image_format))
+            where.append((d, part))
+        domains[d] = {"source": parts if source_b is None else parts["train"],
+                      "skipped": [dict(s, path=f"{d}:{s['path']}") for lst in listed.values() for s in lst.skipped]}
+    with _staging(out) as tmp:
+        names = [domain_split(part, d) for d in DOMAINS for part in ("train", "test")]
+        writers = {n: _SplitWriter(tmp, n, data.shard_size) for n in names}
+        log.info("sharding two domains (%s) at %dx%d (%s) with %d workers",
+                 ", ".join(f"{d}: {sum(1 for w in where if w[0] == d)} candidates" for d in DOMAINS),
+                 data.resolution, data.resolution, data.image_format, data.workers)
+        bar = tqdm(_decode_all(jobs, data.workers), total=len(jobs), desc="shard", unit="img", disable=not progress,
+                   mininterval=0.5)
+        for pos, (payload, reason) in enumerate(bar):
+            (d, part), cand = where[pos], jobs[pos][0]
+            if payload is None:
+                domains[d]["skipped"].append({"path": f"{d}:{cand.ref}", "reason": reason})
+                continue
+            w = writers[domain_split(part, d)]
+            w.write({"__key__": f"{w.split.lower()}{w.count:08d}", data.image_format: payload,
+                     "json": json.dumps({"source": cand.ref, "domain": d}).encode()})
+        splits = {n: w.finish() for n, w in writers.items()}
+        for d in DOMAINS:
+            train, test = splits[f"train{d}"]["count"], splits[f"test{d}"]["count"]
+            if train == 0:
+                first = "; ".join(f"{s['path']}: {s['reason']}" for s in domains[d]["skipped"][:3])
+                raise ShardError(f"domain {d} has no usable train image ({len(domains[d]['skipped'])} skipped: {first})")
+            domains[d].update(count=train + test, splits={"train": train, "test": test},
+                              skipped=sorted(domains[d]["skipped"], key=lambda s: s["path"]))
+        manifest = {
+            "format": MANIFEST_FORMAT, "kind": TWO_DOMAIN, "source": source, "source_b": source_b,
+            "count": sum(v["count"] for v in domains.values()),
+            "skipped": sorted((s for v in domains.values() for s in v["skipped"]), key=lambda s: s["path"]),
+            "resolution": data.resolution, "channels": 3, "image_format": data.image_format,
+            "resize_filter": RESIZE_FILTER, "classes": [], "domains": domains, "splits": splits,
+            "params": data.model_dump(mode="json", exclude=RUN_ONLY_PARAMS),
+        }
+        _write_manifest(tmp, manifest)
+    log.info("wrote two domains to %s: %s; skipped %d", out, {n: v["count"] for n, v in splits.items()},
+             len(manifest["skipped"]))
     return manifest
 
 

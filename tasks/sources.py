@@ -6,13 +6,16 @@ A source is described by a string (``data.source`` / ``--source``):
 - a ``.zip`` of images (same layout rules inside the archive),
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (real, offline),
 - ``synthetic:<kind>[:N]``: deterministic generated images (``shapes``, ``gradients``),
-- ``torchvision:<NAME>``: a torchvision dataset; downloads only when allowed.
+- ``torchvision:<NAME>``: a torchvision dataset; downloads only when allowed,
+- ``photo:<china|flower>[:N]``: N seeded random crops of one of scikit-learn's two bundled real photographs
+  (the offline two-domain demo: ``--source photo:china --source-b photo:flower``).
 
 Candidates are picklable so decoding can run in worker processes.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import zipfile
@@ -25,6 +28,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 SYNTHETIC_KINDS = ("shapes", "gradients")
+PHOTOS = ("china", "flower")  # scikit-learn's load_sample_images (427 x 640 JPEGs in its wheel)
 RESIZE_FILTER = "PIL.Image.LANCZOS (antialiased), after a centred square crop"
 
 
@@ -42,7 +46,7 @@ class Candidate:
 
     ref: str  # human-readable origin, reported in manifest['skipped']
     label: int | None
-    kind: str  # "file" | "zip" | "array" | "synthetic"
+    kind: str  # "file" | "zip" | "array" | "synthetic" | "photo"
     locator: Any  # path / (zip, member) / uint8 array / (kind, index, seed)
 
 
@@ -97,6 +101,17 @@ def list_source(source: str, *, download: bool = False, torchvision_root: str = 
             Candidate(f"{kind}[{i}]", (i % 3) if classes else None, "synthetic", (kind, i)) for i in range(n)
         ]
         return SourceListing(cands, classes, [])
+    if source.startswith("photo:"):
+        parts = source.split(":")
+        if parts[1] not in PHOTOS:
+            raise SourceError(f"unknown photo {parts[1]!r}; allowed: {', '.join(PHOTOS)} (scikit-learn's sample images)")
+        try:
+            n = int(parts[2]) if len(parts) > 2 else 1000
+        except ValueError:
+            raise SourceError(f"photo crop count must be an integer, got {parts[2]!r}") from None
+        if n < 1:
+            raise SourceError(f"photo crop count must be >= 1, got {n}")
+        return SourceListing([Candidate(f"{parts[1]}[{i}]", None, "photo", (parts[1], i)) for i in range(n)], [], [])
     if source.startswith("torchvision:"):
         return _torchvision(source.split(":", 1)[1], download, torchvision_root)
 
@@ -104,7 +119,7 @@ def list_source(source: str, *, download: bool = False, torchvision_root: str = 
     if not path.exists():
         raise SourceError(
             f"source {source!r} not found: expected an image folder, a .zip, 'digits', "
-            f"'synthetic:<{'|'.join(SYNTHETIC_KINDS)}>[:N]' or 'torchvision:<NAME>'"
+            f"'synthetic:<{'|'.join(SYNTHETIC_KINDS)}>[:N]', 'photo:<{'|'.join(PHOTOS)}>[:N]' or 'torchvision:<NAME>'"
         )
     if path.is_dir():
         rel = [PurePosixPath(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file()]
@@ -183,6 +198,23 @@ def _synthetic(kind: str, index: int, size: int = 64) -> Image.Image:
     return img
 
 
+@functools.lru_cache(maxsize=2)
+def _photo(name: str) -> np.ndarray:
+    from sklearn.datasets import load_sample_image
+
+    return load_sample_image(f"{name}.jpg")
+
+
+def _photo_crop(name: str, index: int) -> Image.Image:
+    """A seeded random square crop of a bundled photo: a side of 1/4 to 1/2 of its height, anywhere in it."""
+    img = _photo(name)
+    h, w = img.shape[:2]
+    rng = np.random.default_rng([index, 104729])
+    side = int(rng.integers(h // 4, h // 2 + 1))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    return Image.fromarray(img[y : y + side, x : x + side])
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Alpha is composited over white; 16-bit is scaled, not clipped."""
     mode = img.mode
@@ -212,6 +244,8 @@ def load_image(c: Candidate) -> Image.Image:
         return Image.fromarray(arr)
     if c.kind == "synthetic":
         return _synthetic(*c.locator)
+    if c.kind == "photo":
+        return _photo_crop(*c.locator)
     if c.kind == "file":
         data = Path(c.locator).read_bytes()
     else:

@@ -61,6 +61,15 @@ def digits32_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def photo_shards(tmp_path_factory) -> Path:
+    """Two unpaired domains at 16x16: crops of scikit-learn's temple photo (A, 48) and of its flower (B, 40)."""
+    out = tmp_path_factory.mktemp("photos") / "shards"
+    shard("photo:china:48", out, DataParams(source_b="photo:flower:40", resolution=16, shard_size=20, workers=1,
+                                            val_fraction=0.25), progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray with room for 2 training workers plus Ray Train's own actors, per test module."""

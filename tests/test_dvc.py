@@ -1,5 +1,6 @@
 """Real DVC in a temp git repo: `dvc repro` end to end on tiny data (ProGAN's chained stages, VQ-GAN's
-autoencoder → tokens → prior, StyleGAN, StyleGAN2 and the test-only toyvae family's stage; the other families' stages come from the
+autoencoder → tokens → prior, StyleGAN, StyleGAN2 and the test-only toyvae family's stage; CycleGAN on two
+domains in its own repo; the other families' stages come from the
 same generic code, and tests/test_pipeline.py trains each), all from the one generic dvc.yaml iterating `ganforge dvc-stages`), the no-op re-run,
 and a selective re-run after an eval param change (only evaluate and register run); the committed stage list
 matches params.yaml, and a stale one is refused."""
@@ -24,14 +25,23 @@ def _run(cmd, cwd, env):
     return r.stdout + r.stderr
 
 
-def test_dvc_repro_noop_and_selective(tmp_path):
+def _repo(tmp_path: Path, p: dict) -> tuple[Path, dict]:
+    """A git repo with what `git clone` brings (dvc.yaml and the committed DVC project files: .dvc/config,
+    .dvc/.gitignore, .dvcignore, so `dvc repro` works without `dvc init`) and params ``p``; and the environment."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    # what `git clone` brings: dvc.yaml and the committed DVC project files (.dvc/config, .dvc/.gitignore,
-    # .dvcignore), so `dvc repro` works without `dvc init`
     for f in ("dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
         (repo / f).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / f, repo / f)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], repo, env)
+    return repo, env
+
+
+def test_dvc_repro_noop_and_selective(tmp_path):
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["data"].update(source="synthetic:shapes:48", workers=1, resolution=8)
     p["train"].update(batch_size=16, checkpoint_kimg=1.0, log_every=2, resolution=8, workers=1)
@@ -44,11 +54,7 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     p["train"]["stylegan"].update(small, start_resolution=8, fmap_base=32, fmap_max=8, stabilize_kimg=0.032)
     p["train"]["stylegan2"].update(small, channel_base=64, channel_max=8, kimg=0.032)
     p["eval"].update(num_samples=8, kid_subsets=3, workers=1)
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], repo, env)
+    repo, env = _repo(tmp_path, p)
     # the toy family lives in tests/plugins (an entry point, as a user's package): no edit of ganforge or dvc.yaml
     _run(["ganforge", "-q", "dvc-stages", "--pipeline", "demo=progan:runs/demo", "--pipeline", "vqgan=vqgan:runs/vqgan",
           "--pipeline", "toy=toyvae:runs/toy", "--pipeline", "sg=stylegan:runs/sg",
@@ -87,6 +93,28 @@ def test_dvc_repro_noop_and_selective(tmp_path):
     assert sorted(ran) == sorted(f"{s}@{p}" for s in ("evaluate", "register")
                                  for p in ("demo", "toy", "vqgan", "sg", "sg2")), out
     assert json.loads((repo / "runs/demo/eval/metrics.json").read_text())["num_samples"] == 10
+
+
+def test_dvc_repro_cyclegan_on_two_domains(tmp_path):
+    """The same dvc.yaml reproduces CycleGAN when params.yaml names two domains (data.source_b): the shard stage
+    writes trainA/testA/trainB/testB, and the evaluation's per-direction FIDs and cycle L1 are DVC metrics."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["data"].update(source="photo:china:24", source_b="photo:flower:20", workers=1, resolution=16, val_fraction=0.25)
+    p["train"].update(family="cyclegan", batch_size=4, checkpoint_kimg=1.0, log_every=2, resolution=16, workers=1)
+    p["train"]["cyclegan"].update(ngf=4, ndf=4, n_blocks=1, d_layers=2, kimg=0.016)
+    p["eval"].update(kid_subsets=3, workers=1)
+    repo, env = _repo(tmp_path, p)
+    _run(["ganforge", "-q", "dvc-stages", "--pipeline", "cg=cyclegan:runs/cg"], repo, env)
+    out = _run(["dvc", "repro"], repo, env)
+    for stage in ("shard", "train@cg-cyclegan-r0016", "evaluate@cg", "register@cg"):
+        assert f"Running stage '{stage}'" in out, stage
+    m = json.loads((repo / "data/shards/manifest.json").read_text())
+    assert {k: v["count"] for k, v in m["splits"].items()} == {"trainA": 18, "testA": 6, "trainB": 15, "testB": 5}
+    metrics = json.loads((repo / "runs/cg/eval/metrics.json").read_text())
+    assert metrics["fid"] == pytest.approx((metrics["fid_AtoB"] + metrics["fid_BtoA"]) / 2) and 0 < metrics["cycle_l1"] < 1
+    reg = json.loads((repo / "runs/cg/registered.json").read_text().strip().splitlines()[-1])
+    assert reg["name"] == "ganforge-cyclegan" and reg["version"] == 1 and reg["promotion"]["promoted"]
+    assert "Data and pipelines are up to date" in _run(["dvc", "repro"], repo, env)
 
 
 def test_committed_stage_list_matches_params(tmp_path):

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ganforge.tasks.checkpoint import load_state
 from ganforge.tasks.params import Params
@@ -83,6 +84,26 @@ def test_stylegan2_worker_death_mid_stage_is_recovered(digits_shards, tmp_path):
     meta = _meta(s["final_checkpoint"])
     assert meta["images_in_stage"] == 160 and 0 < meta["attempt_start_images"] <= 6 * 16
     assert load_state(s["final_checkpoint"])["family_state"]["pl_mean"] > 0
+
+
+def test_cyclegan_worker_death_mid_stage_is_recovered(photo_shards, tmp_path):
+    """CycleGAN on two workers loses one mid-stage, mid-decay: Ray Train restarts the group from the latest
+    checkpoint, each rank getting its own history pools back, and the stage ends at lr 0."""
+    marker = tmp_path / "killed"
+    d = ray_params(tmp_path, resolution=16, batch_size=4, checkpoint_kimg=0.016).model_dump(mode="json")
+    d["train"].update(family="cyclegan_faulty", cyclegan_faulty=dict(
+        ngf=4, ndf=4, n_blocks=1, d_layers=2, kimg=0.048, pool_size=4, fail_stage="cyclegan_faulty-r0016",
+        fail_step=7, fail_rank=1, fail_marker=str(marker)))
+    p = Params.model_validate(d)
+    s = train(photo_shards, p.train.out, p)
+    assert marker.exists(), "the failure was injected"
+    meta = _meta(s["final_checkpoint"])
+    assert meta["images_in_stage"] == 48 and meta["attempt_start_images"] == 16
+    st = load_state(s["final_checkpoint"])
+    assert st["family_state"]["lr_schedule"]["factor"] == 0.0
+    pools = [torch.load(Path(s["final_checkpoint"], f"rng-{r}.pt"), weights_only=True)["family"] for r in (0, 1)]
+    assert all(pl["pool_A"].shape == (4, 3, 16, 16) for pl in pools)
+    assert not torch.equal(pools[0]["pool_A"], pools[1]["pool_A"])  # each rank's own fakes
 
 
 def test_interrupted_run_resumes_on_rerun(digits_shards, tmp_path):

@@ -5,7 +5,7 @@ PYTHONPATH, as installing a package would; Ray workers, CLI subprocesses and `dv
 - ``toyvae``: a small VAE trained by its ELBO, in two chained stages: a family without a discriminator,
   with family state (a KL warm-up counter) that must survive resume exactly.
 - ``toyinvert``: an image-to-image family (CycleGAN's shape) whose registered model translates images.
-- ``progan_faulty`` / ``vqgan_faulty`` / ``stylegan2_faulty``: ProGAN / VQ-GAN / StyleGAN2 that kill their own worker once, at a configured
+- ``progan_faulty`` / ``vqgan_faulty`` / ``stylegan2_faulty`` / ``cyclegan_faulty``: ProGAN / VQ-GAN / StyleGAN2 / CycleGAN that kill their own worker once, at a configured
   stage, step and rank (a marker file makes it happen once): how the tests inject failures from outside
   instead of through hooks in ganforge's production path.
 """
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ganforge.models.families.cyclegan import CycleGAN, CycleGANParams
 from ganforge.models.families.progan import ProGAN, ProGANParams
 from ganforge.models.families.stylegan2 import StyleGAN2, StyleGAN2Params
 from ganforge.models.families.vqgan import VQGAN, VQGANParams
@@ -231,6 +232,15 @@ class FaultyStyleGAN2Params(StyleGAN2Params, FaultParams):
 class FaultyStyleGAN2(_KillsItsWorkerOnce, StyleGAN2):
     name = "stylegan2_faulty"
     Params = FaultyStyleGAN2Params
+
+
+class FaultyCycleGANParams(CycleGANParams, FaultParams):
+    """CycleGAN that kills one of its workers once (tests only)."""
+
+
+class FaultyCycleGAN(_KillsItsWorkerOnce, CycleGAN):
+    name = "cyclegan_faulty"
+    Params = FaultyCycleGANParams
 
 
 # ----------------------------------------------------------------------------- a metric from outside
