@@ -177,9 +177,9 @@ def write_outputs(result: dict, shown: ImageSet, out: Path) -> None:
     requested = {m: result.get(m) for m in result["metrics"]}  # null: unavailable (the reason is in evaluation.json)
     metrics = {**requested, **result["scores"], "num_samples": result["num_samples"], "reference_count": result["reference"]["count"],
                "protocol": result["protocol"], "split": result["reference"]["split"]}
-    for k in ("kid_std", "is_std"):
-        if result.get(k) is not None:
-            metrics[k] = result[k]
+    for k, v in result.items():  # kid_std, is_std (a translator's per direction: kid_std_AtoB, ...)
+        if k.startswith(("kid_std", "is_std")) and v is not None:
+            metrics[k] = v
     write_json(out / "metrics.json", metrics)
     write_json(out / "evaluation.json", result)
     n = min(64, shown.count)

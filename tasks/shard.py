@@ -249,7 +249,11 @@ def shard_domains(source: str, source_b: str | None, out: str | Path, data: Data
     out = Path(out)
     if data.labelled_per_class:
         raise ShardError("--labelled-per-class needs a labelled source; two-domain (unpaired) data has no classes")
-    if source_b is None:
+    if source_b is not None and is_domain_layout(source):
+        raise ShardError(f"{source} is a folder in CycleGAN's layout (trainA/ trainB/): it holds both domains, "
+                         f"so leave out --source-b ({source_b})")
+    layout = source_b is None  # skipped files and origins are then named with their folder: trainB/x.png
+    if layout:
         root = Path(source)
         plan = {d: {part: str(root / f"{part}{d}") for part in ("train", "test") if (root / f"{part}{d}").is_dir()}
                 for d in DOMAINS}
@@ -273,21 +277,22 @@ def shard_domains(source: str, source_b: str | None, out: str | Path, data: Data
         if "test" in listed:
             test = listed["test"].candidates
             test_order = np.random.default_rng([data.seed, i, 1]).permutation(len(test))
-            split_of = [("train", train[k]) for k in order] + [("test", test[k]) for k in test_order]
+            split_of = [("train", "train", train[k]) for k in order] + [("test", "test", test[k]) for k in test_order]
         else:
             n_test = min(math.ceil(data.val_fraction * len(train)), len(train) - 1) if data.val_fraction > 0 else 0
-            split_of = [("test" if pos < n_test else "train", train[k]) for pos, k in enumerate(order)]
+            split_of = [("test" if pos < n_test else "train", "train", train[k]) for pos, k in enumerate(order)]
         kept = 0
-        for part, cand in split_of:
+        for part, folder, cand in split_of:  # the split it goes to, and the folder it came from
             if part == "train" and data.max_train_images:
                 if kept >= data.max_train_images:
                     continue
                 kept += 1
-            jobs.append((Candidate(cand.ref if len(parts) == 1 else f"{part}{d}/{cand.ref}", None, cand.kind,
+            jobs.append((Candidate(f"{folder}{d}/{cand.ref}" if layout else cand.ref, None, cand.kind,
                                    cand.locator), data.resolution, data.image_format))
             where.append((d, part))
-        domains[d] = {"source": parts if source_b is None else parts["train"],
-                      "skipped": [dict(s, path=f"{d}:{s['path']}") for lst in listed.values() for s in lst.skipped]}
+        domains[d] = {"source": parts if layout else parts["train"],
+                      "skipped": [dict(s, path=f"{d}:{f'{part}{d}/' if layout else ''}{s['path']}")
+                                  for part, lst in listed.items() for s in lst.skipped]}
     with _staging(out) as tmp:
         names = [domain_split(part, d) for d in DOMAINS for part in ("train", "test")]
         writers = {n: _SplitWriter(tmp, n, data.shard_size) for n in names}

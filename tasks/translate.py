@@ -40,13 +40,17 @@ def translate(model: str, inputs: str | Path, out: str | Path, direction: str | 
     if family.product != "translator":
         raise InputError(f"{model} is a {family.name} model, a {family.product}: `translate` needs a translator "
                          f"(train.family: cyclegan)")
-    if direction is not None and family.directions and direction not in family.directions:
-        raise InputError(f"--direction must be one of {', '.join(family.directions)}, got {direction!r}")
+    if direction is not None and direction not in family.directions:
+        allowed = ", ".join(family.directions)
+        raise InputError(f"--direction must be one of {allowed}, got {direction!r}" if allowed else
+                         f"{model} ({family.name}) translates one way: leave out --direction (got {direction!r})")
     r = stage.resolution
     files = image_files(inputs)
     root = Path(inputs) if Path(inputs).is_dir() else Path(inputs).parent
     out = Path(out)
-    written, skipped, resized = [], [], 0
+    written: list[str] = []
+    skipped: list[dict] = []
+    resized = 0
     for f in files:
         try:
             with Image.open(f) as img:
@@ -61,7 +65,10 @@ def translate(model: str, inputs: str | Path, out: str | Path, direction: str | 
             resized += 1
             log.info("%s is %dx%d: centre-cropped and resized to this %dpx model's %dx%d", f, *size, r, r, r)
         y = predict(family, stage, ema, arr[None], {"direction": direction} if direction else None)[0]
-        dst = out / f.relative_to(root).with_suffix(".png")
+        rel = f.relative_to(root)
+        dst = out / rel.with_suffix(".png")
+        if str(dst) in written:  # a.jpg after a.png: keep both (a.jpg.png)
+            dst = out / rel.with_name(rel.name + ".png")
         dst.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(y)).save(dst)
         written.append(str(dst))

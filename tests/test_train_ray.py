@@ -88,11 +88,12 @@ def test_stylegan2_worker_death_mid_stage_is_recovered(digits_shards, tmp_path):
 
 def test_cyclegan_worker_death_mid_stage_is_recovered(photo_shards, tmp_path):
     """CycleGAN on two workers loses one mid-stage, mid-decay: Ray Train restarts the group from the latest
-    checkpoint, each rank getting its own history pools back, and the stage ends at lr 0."""
+    checkpoint, each rank getting its own history pools back (a pool larger than the run holds every fake its
+    rank made: 24, not the 16 made after the restart), and the stage ends at lr 0."""
     marker = tmp_path / "killed"
     d = ray_params(tmp_path, resolution=16, batch_size=4, checkpoint_kimg=0.016).model_dump(mode="json")
     d["train"].update(family="cyclegan_faulty", cyclegan_faulty=dict(
-        ngf=4, ndf=4, n_blocks=1, d_layers=2, kimg=0.048, pool_size=4, fail_stage="cyclegan_faulty-r0016",
+        ngf=4, ndf=4, n_blocks=1, d_layers=2, kimg=0.048, pool_size=64, fail_stage="cyclegan_faulty-r0016",
         fail_step=7, fail_rank=1, fail_marker=str(marker)))
     p = Params.model_validate(d)
     s = train(photo_shards, p.train.out, p)
@@ -102,7 +103,7 @@ def test_cyclegan_worker_death_mid_stage_is_recovered(photo_shards, tmp_path):
     st = load_state(s["final_checkpoint"])
     assert st["family_state"]["lr_schedule"]["factor"] == 0.0
     pools = [torch.load(Path(s["final_checkpoint"], f"rng-{r}.pt"), weights_only=True)["family"] for r in (0, 1)]
-    assert all(pl["pool_A"].shape == (4, 3, 16, 16) for pl in pools)
+    assert all(pl[f"pool_{d}"].shape == (24, 3, 16, 16) for pl in pools for d in "AB")
     assert not torch.equal(pools[0]["pool_A"], pools[1]["pool_A"])  # each rank's own fakes
 
 

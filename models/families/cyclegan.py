@@ -11,8 +11,9 @@ As pytorch-CycleGAN-and-pix2pix trains it (``cycle_gan_model.py``):
   is stored while the pool fills; then, with p = 0.5, it replaces a random stored one and that stored image is
   shown instead. The pools are per worker and go into every checkpoint (each rank its own), so resume is exact;
 - one Adam (lr 2e-4, betas (0.5, 0.999)) for both generators and one for both discriminators, at a constant
-  lr for the first ``decay_start`` of the stage, then linearly down to 0 at its last step; the lr is a function
-  of the step, and the schedule is in the checkpoint's family state;
+  lr for the first ``decay_start`` of the stage, then linearly down to 0 at its last step (the reference's
+  linear policy, per step); the lr is a function of the step, and the schedule is in the checkpoint's family
+  state;
 - data: unpaired (A, B) batches from two-domain shards, each domain shuffled on its own, resized to
   ``load_size`` and randomly cropped to the resolution (286 -> 256 in the reference), optionally flipped.
 
@@ -77,6 +78,8 @@ class ImagePool:
         p = 0.5, or else a stored one that it replaces."""
         if self.size == 0:
             return images.detach()
+        if self.images and self.images[0].device != images.device:  # restored on the CPU, training on a GPU
+            self.images = [t.to(images.device) for t in self.images]
         out = []
         for img in images.detach():
             if len(self.images) < self.size:
@@ -84,22 +87,26 @@ class ImagePool:
                 out.append(img)
             elif float(torch.rand((), generator=generator)) > 0.5:
                 k = int(torch.randint(0, self.size, (), generator=generator))
-                out.append(self.images[k].to(img.device))
+                out.append(self.images[k])
                 self.images[k] = img.clone()
             else:
                 out.append(img)
         return torch.stack(out)
 
     def state(self) -> torch.Tensor:
-        return torch.stack(self.images).cpu() if self.images else torch.zeros(0)
+        return torch.stack([t.cpu() for t in self.images]) if self.images else torch.zeros(0)
 
-    def load(self, images: torch.Tensor | None, device: torch.device | str = "cpu") -> None:
-        self.images = [] if images is None or images.numel() == 0 else [t.to(device) for t in images][: self.size]
+    def load(self, images: torch.Tensor | None) -> None:
+        """Restore :meth:`state` (on the CPU; the next query moves the images to the fakes' device)."""
+        self.images = [] if images is None or images.numel() == 0 else list(images)[: self.size]
 
 
 def lr_factor(step: int, total_steps: int, decay_start: float) -> float:
-    """The reference's "linear" policy per step: 1 for the first ``decay_start`` of the steps, then down
-    linearly to exactly 0 at the last step (``total_steps - 1``)."""
+    """The reference's "linear" policy, per step instead of per epoch: 1 for the first ``decay_start`` of the
+    steps, then down linearly to exactly 0 at the last step (``total_steps - 1``; the reference's per-epoch rule
+    ends one epoch short of 0). A one-step stage has no room to decay and keeps the full lr."""
+    if total_steps <= 1:
+        return 1.0
     start = min(int(round(decay_start * total_steps)), total_steps - 1)
     if step < start:
         return 1.0
@@ -132,9 +139,22 @@ class CycleGAN(SingleStageFamily):
             top = max(1, int(math.log2(r / 3)))
             raise ValueError(f"train.cyclegan.d_layers ({section.d_layers}) leaves the PatchGAN no patches at "
                              f"train.resolution {r}px: use d_layers <= {top}")
+        if section.norm == "batch" and train.workers > 1:
+            # each step runs every network several times before one backward; DDP re-broadcasts BatchNorm's
+            # running statistics in place before each of those forwards, which CUDA's backward refuses
+            raise ValueError(f"train.cyclegan.norm: batch needs train.workers: 1 (got {train.workers}); the "
+                             f"reference's instance norm trains on any number of workers")
         if section.load_size is not None and section.load_size < r:
             raise ValueError(f"train.cyclegan.load_size ({section.load_size}) must be >= train.resolution ({r}): "
                              f"images are resized to it, then cropped to the resolution")
+
+    def check_data(self, manifest: dict, shards) -> None:
+        super().check_data(manifest, shards)
+        counts = {n: manifest["splits"].get(n, {}).get("count", 0) for n in ("testA", "testB")}
+        if min(counts.values()) < 2:
+            raise ValueError(f"cyclegan needs test images of both domains for its grids and evaluation, but the shards "
+                             f"in {shards} have {counts}: shard with data.val_fraction > 0 (at least 2 per domain), "
+                             f"or give the layout folder testA/ and testB/")
 
     def stage_info(self) -> dict:
         r = self.params.resolution
@@ -168,7 +188,8 @@ class CycleGAN(SingleStageFamily):
 
     # --- state: the lr schedule (all ranks) and the pools (per rank)
     def total_steps(self, stage: StageSpec) -> int:
-        return max(1, math.ceil(stage.kimg * 1000 / self.params.batch_size))
+        """Optimizer steps of the stage, as the loop counts them (it stops at round(kimg * 1000) images)."""
+        return max(1, math.ceil(round(stage.kimg * 1000) / self.params.batch_size))
 
     def state_dict(self) -> dict:
         st = self.stages()[0]

@@ -28,10 +28,10 @@ class PatchDiscriminator(nn.Module):
                        norm_layer(ch * mult), nn.LeakyReLU(0.2, True)]
         layers.append(nn.Conv2d(ch * mult, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)
-        for m in self.modules():  # taming's weights_init
+        for m in self.modules():  # taming's weights_init; pytorch-CycleGAN-and-pix2pix's also zeroes conv biases
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
-                if m.bias is not None:
+                if m.bias is not None and norm == "instance":
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.normal_(m.weight, 1.0, 0.02)
