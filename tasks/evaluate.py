@@ -99,9 +99,16 @@ def evaluate(checkpoint: str, shards: str | Path, ev: EvalParams, *, out: str | 
             result.update(out_m)
             scores[name] = out_m.get(name)
         shown = gen
+    metrics = list(ev.metrics) + (["intra_fid"] if "intra_fid" in scores and "intra_fid" not in ev.metrics else [])
+    return _finish(result, scores, metrics, shown, out)
+
+
+def _finish(result: dict[str, Any], scores: dict[str, float | None], metrics: list[str], shown: ImageSet,
+            out) -> dict[str, Any]:
+    """Every score into ``result`` (and its finite ones, with their directions, under ``scores``), and the
+    outputs written when ``out`` is given."""
     result.update({k: v for k, v in scores.items() if k not in result})
-    result["metrics"] = list(ev.metrics) + (["intra_fid"] if "intra_fid" in scores and "intra_fid" not in ev.metrics
-                                            else [])
+    result["metrics"] = metrics
     result["scores"] = {k: v for k, v in scores.items() if v is not None and np.isfinite(v)}
     result["directions"] = {k: direction(k) for k in result["scores"]}
     if out is not None:
@@ -154,13 +161,7 @@ def evaluate_translations(family, stage, ema, checkpoint: str, shards, ev: EvalP
                            "count": sum(p["reference_count"] for p in per.values()),
                            "manifest_sha256": manifest_hash(shards),
                            "cache": "hit" if all(p["cache"] == "hit" for p in per.values()) else "miss"}
-    result.update({k: v for k, v in scores.items() if k not in result})
-    result["metrics"] = list(ev.metrics)
-    result["scores"] = {k: v for k, v in scores.items() if v is not None and np.isfinite(v)}
-    result["directions"] = {k: direction(k) for k in result["scores"]}
-    if out is not None:
-        write_outputs(result, shown, Path(out))
-    return result
+    return _finish(result, scores, list(ev.metrics), shown, out)
 
 
 def _model_inputs(shards, ev: EvalParams, resolution: int, split: str | None = None):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+log = logging.getLogger("ganforge.io")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -98,3 +102,21 @@ def clean_stale(target: Path) -> list[Path]:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` (leftovers of dead runs removed first) that replaces ``out`` when the block
+    succeeds and is removed when it fails: a failed or interrupted run never leaves half an output where the
+    last good one was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for p in clean_stale(out):
+        log.info("removed %s, left by a run that died", p)
+    tmp = owned_name(out, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -15,14 +15,12 @@ carry fixed metadata, so DVC hashes are stable.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
 import math
 import multiprocessing as mp
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ganforge.tasks.errors import ShardError
-from ganforge.tasks.io import clean_stale, owned_name, replace_dir, sha256_file
+from ganforge.tasks.io import sha256_file, staged_dir
 from ganforge.tasks.params import DataParams
 from ganforge.tasks.sources import RESIZE_FILTER, Candidate, SourceError, list_source, load_image, prepare, skip_reason
 
@@ -114,24 +112,8 @@ class _SplitWriter:
         return {"count": sum(s["count"] for s in self.shards), "shards": self.shards}
 
 
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A fresh folder beside ``out`` that replaces it when the block succeeds and is removed when it fails, so a
-    failed or interrupted run never leaves half a shard set where the last good one was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for p in clean_stale(out):
-        log.info("removed %s, left by a run that died", p)
-    tmp = owned_name(out, "tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_manifest(folder: Path, manifest: dict) -> None:
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """``manifest.json`` of a shard set (images or tokens), sorted keys: byte-stable for DVC."""
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -158,7 +140,7 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
         raise ShardError("--labelled-per-class needs a labelled source (class subfolders, digits, synthetic:shapes): "
                          f"{source!r} has no classes")
 
-    with _staging(out) as tmp:
+    with staged_dir(out) as tmp:
         writers = {s: _SplitWriter(tmp, s, data.shard_size) for s in SPLITS + ((LABELLED,) if per_class else ())}
         ext = data.image_format
         log.info("sharding %d candidates from %s at %dx%d (%s) with %d workers", len(jobs), source, data.resolution, data.resolution, ext, data.workers)
@@ -212,7 +194,7 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
             **({"labelled": {"per_class": per_class, "split": LABELLED,
                              "keys": sorted(k for v in labelled_keys.values() for k in v)}} if per_class else {}),
         }
-        _write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
     log.info("wrote %d images (%s) to %s; skipped %d", count, {s: v["count"] for s, v in splits.items()}, out, len(skipped))
     return manifest
 
@@ -293,7 +275,7 @@ def shard_domains(source: str, source_b: str | None, out: str | Path, data: Data
         domains[d] = {"source": parts if layout else parts["train"],
                       "skipped": [dict(s, path=f"{d}:{f'{part}{d}/' if layout else ''}{s['path']}")
                                   for part, lst in listed.items() for s in lst.skipped]}
-    with _staging(out) as tmp:
+    with staged_dir(out) as tmp:
         names = [domain_split(part, d) for d in DOMAINS for part in ("train", "test")]
         writers = {n: _SplitWriter(tmp, n, data.shard_size) for n in names}
         log.info("sharding two domains (%s) at %dx%d (%s) with %d workers",
@@ -325,7 +307,7 @@ def shard_domains(source: str, source_b: str | None, out: str | Path, data: Data
             "resize_filter": RESIZE_FILTER, "classes": [], "domains": domains, "splits": splits,
             "params": data.model_dump(mode="json", exclude=RUN_ONLY_PARAMS),
         }
-        _write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
     log.info("wrote two domains to %s: %s; skipped %d", out, {n: v["count"] for n, v in splits.items()},
              len(manifest["skipped"]))
     return manifest

@@ -77,6 +77,17 @@ def _from_paths(rel: list[PurePosixPath], make) -> SourceListing:
     return SourceListing(cands, classes, skipped)
 
 
+def _count(parts: list[str], default: int, what: str) -> int:
+    """The optional ``:N`` of ``kind:name[:N]`` sources (at least 1)."""
+    try:
+        n = int(parts[2]) if len(parts) > 2 else default
+    except ValueError:
+        raise SourceError(f"{what} must be an integer, got {parts[2]!r}") from None
+    if n < 1:
+        raise SourceError(f"{what} must be >= 1, got {n}")
+    return n
+
+
 def list_source(source: str, *, download: bool = False, torchvision_root: str = "data/torchvision") -> SourceListing:
     if source == "digits":
         from sklearn.datasets import load_digits
@@ -90,12 +101,7 @@ def list_source(source: str, *, download: bool = False, torchvision_root: str = 
         kind = parts[1]
         if kind not in SYNTHETIC_KINDS:
             raise SourceError(f"unknown synthetic kind {kind!r}; allowed: {', '.join(SYNTHETIC_KINDS)}")
-        try:
-            n = int(parts[2]) if len(parts) > 2 else 512
-        except ValueError:
-            raise SourceError(f"synthetic count must be an integer, got {parts[2]!r}") from None
-        if n < 1:
-            raise SourceError(f"synthetic count must be >= 1, got {n}")
+        n = _count(parts, 512, "synthetic count")
         classes = ["circle", "square", "triangle"] if kind == "shapes" else []
         cands = [
             Candidate(f"{kind}[{i}]", (i % 3) if classes else None, "synthetic", (kind, i)) for i in range(n)
@@ -105,12 +111,7 @@ def list_source(source: str, *, download: bool = False, torchvision_root: str = 
         parts = source.split(":")
         if parts[1] not in PHOTOS:
             raise SourceError(f"unknown photo {parts[1]!r}; allowed: {', '.join(PHOTOS)} (scikit-learn's sample images)")
-        try:
-            n = int(parts[2]) if len(parts) > 2 else 1000
-        except ValueError:
-            raise SourceError(f"photo crop count must be an integer, got {parts[2]!r}") from None
-        if n < 1:
-            raise SourceError(f"photo crop count must be >= 1, got {n}")
+        n = _count(parts, 1000, "photo crop count")
         return SourceListing([Candidate(f"{parts[1]}[{i}]", None, "photo", (parts[1], i)) for i in range(n)], [], [])
     if source.startswith("torchvision:"):
         return _torchvision(source.split(":", 1)[1], download, torchvision_root)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,10 @@ import webdataset as wds
 
 from ganforge.models.families import get_family
 from ganforge.tasks.checkpoint import STATE, checkpoint_dir, load_generator, load_state
-from ganforge.tasks.io import clean_stale, owned_name, replace_dir, sha256_file
+from ganforge.tasks.io import sha256_file, staged_dir
 from ganforge.tasks.params import RuntimeParams, TrainParams
 from ganforge.tasks.runtime import init_ray
-from ganforge.tasks.shard import MANIFEST, MANIFEST_FORMAT, manifest_hash, read_manifest, verify_shards
+from ganforge.tasks.shard import MANIFEST, MANIFEST_FORMAT, manifest_hash, read_manifest, verify_shards, write_manifest
 
 log = logging.getLogger("ganforge.tokens")
 
@@ -108,12 +107,7 @@ def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, 
         except (ValueError, json.JSONDecodeError):
             pass
     jobs = [(split, s["file"]) for split, entry in src_manifest["splits"].items() for s in entry["shards"]]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for p in clean_stale(out):
-        log.info("removed %s, left by a run that died", p)
-    tmp = owned_name(out, "tmp")
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         args = [(str(checkpoint), str(shards / f), str(tmp / f), res, batch_size) for _, f in jobs]
         workers = max(1, min(workers, len(jobs)))
         log.info("encoding %d shards of %s into tokens with %d worker(s)", len(jobs), shards, workers)
@@ -154,11 +148,7 @@ def extract_tokens(checkpoint: str | Path, shards: str | Path, out: str | Path, 
             "source": {"shards": str(shards), "manifest_sha256": src_sha},
             "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt_sha, "checkpoint_stage": state["stage"],
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)
     log.info("wrote %d token grids (%dx%d of %d codes) to %s; train codebook usage %.1f%%", manifest["count"], grid,
              grid, n_embed, out, 100 * splits.get("train", {}).get("codebook_usage", 0.0))
     return manifest
