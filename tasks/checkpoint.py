@@ -159,9 +159,10 @@ def load_state(ckpt_dir: str | Path, *, validated: bool = False) -> dict:
                               f"{str(e).splitlines()[0][:200]}); use an earlier checkpoint") from None
 
 
-def latest_checkpoint(storage: str, stage: StageSpec) -> str | None:
+def latest_checkpoint(storage: str, stage: StageSpec, ranks: int | None = None) -> str | None:
     """The newest complete checkpoint of ``stage`` over all its attempts in ``storage``; newer damaged ones
-    (a crash during a write) are skipped with a warning that names them and why."""
+    (a crash during a write) are skipped with a warning that names them and why. With ``ranks``, a checkpoint
+    also needs the part of every rank (``rng-<rank>.pt``)."""
     import pyarrow.fs as pafs
 
     fs, root = arrow_fs(storage)
@@ -180,6 +181,9 @@ def latest_checkpoint(storage: str, stage: StageSpec) -> str | None:
     for _, path in sorted(found, reverse=True):
         uri = f"{scheme}{path}" if scheme else path
         problem = checkpoint_problem(uri)
+        if problem is None and ranks:
+            missing = [r for r in range(ranks) if fs.get_file_info(f"{path}/rng-{r}.pt").type != pafs.FileType.File]
+            problem = f"no part of rank(s) {missing}" if missing else None
         if problem is None:
             return uri
         log.warning("stage %s: skipping checkpoint %s: %s", stage.name, uri, problem)

@@ -75,7 +75,11 @@ class _TrainBase(_Section):
     max_failures: int = Field(1, ge=-1, description="worker-group restarts per stage (-1: unlimited)")
     batch_size: int = Field(32, ge=2, description="global batch (split over workers)")
     checkpoint_kimg: float = Field(2.0, gt=0, description="checkpoint + sample grid interval, thousands of images")
-    log_every: int = Field(10, ge=1, description="steps between metric reports")
+    log_every: int = Field(10, ge=1, description="steps between metric rows (loss history, progress)")
+    report_interval_s: float = Field(
+        5.0, ge=0, description="least seconds between a worker's Ray Train reports; the rows in between travel "
+                               "together (Ray Train takes one report per 2 s poll: reporting more often makes "
+                               "every worker wait); 0: every row")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per Ray worker")
     xflip: bool = Field(False, description="random horizontal flips of real images")
     augment: Literal["none", "diffaugment"] = Field(
@@ -259,18 +263,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content (an empty file is ``{}``): one line naming the file when it is missing or invalid."""
+    p = Path(path)
+    if not p.is_file():
+        raise ParamsError(f"{what} not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Params:
     """Read params.yaml (or the defaults when it is absent and no path was named), apply overrides, validate."""
     raw: dict[str, Any] = {}
     origin = "defaults"
     if path is not None or DEFAULT_PARAMS.exists():
         p = Path(path) if path is not None else DEFAULT_PARAMS
-        if not p.exists():
-            raise ParamsError(f"params file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ParamsError(f"{p} is not valid YAML: {e}") from e
+        loaded = read_yaml(p, "params file")
         if not isinstance(loaded, dict):
             raise ParamsError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
         raw, origin = loaded, str(p)

@@ -26,7 +26,7 @@ from ganforge.tasks.console import StageProgress, progress_enabled, verbose
 from ganforge.tasks.errors import CheckpointError, StageError, one_line, root_cause
 from ganforge.tasks.history import numeric_keys, read_history, record_report
 from ganforge.tasks.io import redact, write_json
-from ganforge.tasks.loop import ray_train_loop
+from ganforge.tasks.loop import ROWS, ray_train_loop
 from ganforge.tasks.params import Params, ParamsError
 from ganforge.tasks.runtime import init_ray
 from ganforge.tasks.shard import manifest_hash, read_manifest, verify_shards
@@ -262,6 +262,7 @@ def run_one_stage(params: Params, stage: StageSpec, shards, run_dir: Path, stora
         "params": tp.model_dump(mode="json"), "stage": stage.index, "shards": shards if is_remote(shards) else str(Path(shards).resolve()),
         "run_dir": str(run_dir.resolve()), "init": init, "resume": resume,
         "threads": max(1, int(tp.cpus_per_worker)), "stage_name": stage.name, "verbose": verbose(),
+        "report_interval_s": tp.report_interval_s, "storage": storage,
     }
     use_gpu = tp.gpus_per_worker > 0
     resources = {"CPU": tp.cpus_per_worker}
@@ -358,6 +359,9 @@ def _fit_recording(trainer, queue, run_dir: Path, stage: StageSpec, storage: str
                         grid = f.read()
                 except (OSError, FileNotFoundError):
                     log.warning("stage %s: checkpoint %s has no %s", stage.name, ckpt_path, GRID)
+            rows = metrics.pop(ROWS, None) or [metrics]  # the rows since the previous report; the last is this one
+            for row in rows[:-1]:
+                record_report(run_dir, stage.name, row)
             record_report(run_dir, stage.name, metrics, grid)
             display.update(metrics)
             if curve is not None:

@@ -26,9 +26,15 @@ def _meta(ckpt: str) -> dict:
 
 
 def test_two_workers_two_stages_then_rerun_skips(digits_shards, tmp_path):
-    p = ray_params(tmp_path)
+    # a row every step, but one Ray Train report per minute at most: the rows travel with the checkpoint reports
+    p = ray_params(tmp_path, log_every=1, report_interval_s=60)
     s = train(digits_shards, p.train.out, p)
     run = Path(p.train.out)
+    from ganforge.tasks.history import read_history
+
+    rows = read_history(run, "progan-r0008")
+    assert [r["step"] for r in rows] == list(range(1, 11)) and rows[-1]["kimg"] == 0.16
+    assert all(r["images_per_s"] > 0 and "loss_d" in r for r in rows)
     assert list(s["stages"]) == ["progan-r0004", "progan-r0008"]
     final = s["final_checkpoint"]
     assert final == s["stages"]["progan-r0008"]["checkpoint"] and Path(final, "state.pt").exists()
