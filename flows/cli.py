@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from ganforge.tasks.params import Params, ParamsError, load_params
@@ -287,6 +288,29 @@ def cmd_pipeline(args: argparse.Namespace, params: Params) -> dict:
     return r
 
 
+def cmd_sweep(args: argparse.Namespace, params: Params) -> dict:
+    from ganforge.tasks.sweep import check_sweep, parse_space
+
+    space = parse_space(args.space, args.grid, args.choice, args.loguniform, args.uniform)
+    check_sweep(params, space, args.num_samples, args.stages)  # refusals before Prefect and Ray start
+    from ganforge.flows.sweep import sweep_flow
+
+    r = sweep_flow(space=space, out=args.out, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                   stages=args.stages, grace_kimg=args.grace_kimg, reduction_factor=args.reduction_factor,
+                   register=args.register, params=params)
+    summary = json.loads((Path(r["out"]) / "trials.json").read_text())
+    metric, keys = summary["metric"], list(space)
+    lines = [f"\n== ganforge sweep: {r['trials']} trials, {r['stopped_early']} stopped early (ASHA), best first =="]
+    for t in summary["trials"]:
+        best = t[f"best_{metric}"]
+        lines.append(f"  {t['trial_id']:<14} {' '.join(f'{k}={t[k]!r}' for k in keys)}  {metric} "
+                     f"{'-' if best is None else f'{best:.4g}'} at {t['best_kimg'] or 0:.3g} kimg  [{t['status']}]")
+    if r["best_params"]:
+        lines.append(f"  best params: {r['best_params']}  (ganforge pipeline --params {r['best_params']})")
+    print("\n".join(lines) + "\n")
+    return r
+
+
 def cmd_serve(args: argparse.Namespace, params: Params) -> None:
     from ganforge.flows.deploy import serve
 
@@ -400,6 +424,8 @@ COMMANDS: dict[str, tuple[Callable, list[_Flag], str]] = {
     ),
     "promote": (cmd_promote, [], "apply the champion gate to a registered version (or --force it)"),
     "pipeline": (cmd_pipeline, [], "run the whole Prefect flow: shard -> stages -> evaluate -> register -> promote"),
+    "sweep": (cmd_sweep, [], "search params with Ray Tune (ASHA on the FID curve beside training), each trial the "
+                             "family's stages as Ray Train jobs; the same --out again resumes it"),
     "serve": (cmd_serve, [], "serve Prefect deployments of the three flows (schedules optional) for the UI"),
     "deploy": (cmd_deploy, [], "register the deployments on a work pool, for `prefect worker start --pool NAME`"),
     "models": (cmd_models, [], "list registered versions with metrics and aliases"),
@@ -477,6 +503,23 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="refuse to run when this dvc-stages.yaml no longer matches params (what dvc.yaml passes)")
 
 
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", default=None, help="YAML search space: {params.key: {grid|choice|loguniform|uniform: [...]}}")
+    for kind, example in (("grid", "train.batch_size=16,32"), ("choice", "train.progan.r1_gamma=1,10"),
+                          ("loguniform", "train.progan.lr=0.0005,0.005"), ("uniform", "train.progan.beta1=0,0.5")):
+        p.add_argument(f"--{kind}", action="append", default=[], metavar="KEY=V1,V2",
+                       help=f"a {kind} dimension, e.g. {example} (repeatable)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples of the space (a grid is repeated this often)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as many as fit Ray)")
+    p.add_argument("--stages", type=int, default=None, help="train only the first N stages of the chain per trial")
+    p.add_argument("--grace-kimg", type=float, default=None, help="ASHA: kimg before a trial may be stopped "
+                                                                  "(default: eval.every_kimg)")
+    p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: rung spacing and the fraction kept")
+    p.add_argument("--out", default="runs/sweep", help="sweep folder (an existing one of the same sweep resumes)")
+    p.add_argument("--register", action="store_true",
+                   help="evaluate the best trial's best checkpoint and register it (alias challenger)")
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cron", default=None, help="cron schedule for train-pipeline, e.g. '0 3 * * *'")
     p.add_argument("--interval", type=float, default=None, help="interval schedule for train-pipeline, seconds")
@@ -498,6 +541,7 @@ def _dvc_stages_args(p: argparse.ArgumentParser) -> None:
 EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "dvc-stages": _dvc_stages_args,
     "serve": _serve_args,
+    "sweep": _sweep_args,
     "deploy": _deploy_args,
     "register": _register_args,
     "promote": _promote_args,

@@ -1,7 +1,7 @@
-"""Deployments of the three flows, with parameter defaults from params.yaml, served from this process.
+"""Deployments of the four flows, with parameter defaults from params.yaml, served from this process.
 
 `ganforge serve` (or `python -m flows.deploy`) registers `train-pipeline/ganforge`,
-`evaluate/ganforge` and `promote/ganforge` with the Prefect API (runtime.prefect_api_url
+`evaluate/ganforge`, `promote/ganforge` and `sweep/ganforge` with the Prefect API (runtime.prefect_api_url
 or PREFECT_API_URL; start one with `prefect server start`) and executes the runs that
 the UI, the API or a schedule create.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefect import serve as prefect_serve
 
 from ganforge.flows.pipeline import evaluate_flow, promote_flow, train_pipeline
+from ganforge.flows.sweep import sweep_flow
 from ganforge.tasks.params import Params, load_params
 
 
@@ -25,6 +26,7 @@ def deployments(params: Params, cron: str | None = None, interval: float | None 
         train_pipeline.to_deployment(name=name, parameters=defaults, tags=["ganforge"], **sched),
         evaluate_flow.to_deployment(name=name, parameters=defaults, tags=["ganforge"]),
         promote_flow.to_deployment(name=name, parameters=defaults, tags=["ganforge"]),
+        sweep_flow.to_deployment(name=name, parameters=defaults, tags=["ganforge"]),
     ]
 
 
@@ -32,12 +34,13 @@ _ENTRYPOINTS = (
     (train_pipeline, "flows/pipeline.py:train_pipeline"),
     (evaluate_flow, "flows/pipeline.py:evaluate_flow"),
     (promote_flow, "flows/pipeline.py:promote_flow"),
+    (sweep_flow, "flows/sweep.py:sweep_flow"),
 )
 
 
 def deploy_to_pool(params: Params, work_pool: str, cron: str | None = None, interval: float | None = None,
                    name: str = "ganforge", source: str | None = None) -> list[str]:
-    """Register the three deployments on a work pool; a `prefect worker` of that pool runs them from ``source``
+    """Register the four deployments on a work pool; a `prefect worker` of that pool runs them from ``source``
     (default: this installation's code, which is where the ganforge image keeps it)."""
     from pathlib import Path
 

@@ -120,7 +120,11 @@ class Curve:
                 log.warning("the curve's scoring finds no free CPU beside training: it shares the training cores "
                             "(training slows while it runs); on a cluster give it its own (eval.resources)")
             self.shares_cores, cpus = True, 0
-        task = ray.remote(num_cpus=cpus, num_gpus=res.gpus, max_retries=1)(_score)
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        # never inside the caller's placement group (a Tune trial's, which reserves nothing for it)
+        task = ray.remote(num_cpus=cpus, num_gpus=res.gpus, max_retries=1, scheduling_strategy=(
+            PlacementGroupSchedulingStrategy(placement_group=None)))(_score)
         ref = task.remote(ray.put(files), self.shards, self.eval_params, max(1, int(res.cpus)))
         self.pending.append((ref, {"stage": stage.name, "stage_kimg": round(stage_kimg, 6), "kimg": round(kimg, 6),
                                    "step": int(round(kimg * 1000)), "checkpoint": ckpt_path, "files": files}))

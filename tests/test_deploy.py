@@ -103,7 +103,7 @@ def test_work_pool_deployment_runs_on_a_prefect_worker(tmp_path):
         bin_dir = Path(sys.executable).parent
         cli(str(bin_dir / "prefect"), "work-pool", "create", "gf-test", "--type", "process")
         out = cli(str(bin_dir / "ganforge"), "-q", "deploy", "--work-pool", "gf-test")
-        assert len(json.loads(out.strip().splitlines()[-1])["deployments"]) == 3  # the last line is the result
+        assert len(json.loads(out.strip().splitlines()[-1])["deployments"]) == 4  # the last line is the result
 
         async def deployment():
             async with get_client() as c:
