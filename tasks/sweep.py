@@ -324,6 +324,11 @@ def sweep(params: Params, space: dict[str, dict[str, list]], out: str | Path, *,
         if before.get("asked") != json.loads(json.dumps(asked)):
             raise ParamsError(f"{out} holds another sweep ({before.get('asked')}); use a new --out or ask for "
                               f"the same sweep to resume it")
+        changed = sorted(k for k, v in flatten(base).items() if not k.startswith("runtime.")
+                         and flatten(before.get("base", {})).get(k, v) != v)
+        if changed:
+            raise ParamsError(f"{out} holds this sweep with other params ({', '.join(changed[:5])} differ): its "
+                              f"finished trials would not compare; use a new --out or restore those params")
     out.mkdir(parents=True, exist_ok=True)
     write_json(sweep_json, {"asked": asked, "base": base})
     # Tune saves its experiment state at most every 10 s by default: a driver killed sooner would lose the

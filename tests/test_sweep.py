@@ -147,14 +147,16 @@ def test_sweep_stops_early_resumes_after_a_kill_and_its_best_params_reproduce(tm
         # the artifacts where users look: a table of trials and the plot (Prefect), child runs (MLflow)
         import mlflow
 
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        uri = env["MLFLOW_TRACKING_URI"]
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)  # an earlier test in this process may have set another registry
         parent = mlflow.get_run(result["mlflow_run_id"])
         assert json.loads(parent.data.params["sweep.space"]) == {"train.progan.lr": {"grid": [0.003, 1e-6]},
                                                                  "train.seed": {"grid": [0, 1]}}
         children = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
                                       filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         assert sorted(c.data.tags["ganforge.trial_id"] for c in children) == sorted(t["trial_id"] for t in trials)
-        client = mlflow.MlflowClient()
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         for c in children:
             t = next(t for t in trials if t["trial_id"] == c.data.tags["ganforge.trial_id"])
             hist = client.get_metric_history(c.info.run_id, "fid")
@@ -186,3 +188,28 @@ def test_sweep_stops_early_resumes_after_a_kill_and_its_best_params_reproduce(tm
         for m in a[part]:
             for k, v in a[part][m].items():
                 assert torch.equal(v, b[part][m][k]), f"{part}.{m}.{k} differs"
+
+
+def test_a_folder_of_another_sweep_or_other_params_is_refused(tmp_path):
+    """Resuming needs the same sweep on the same params: finished trials would not compare otherwise."""
+    from ganforge.models.families import get_family
+    from ganforge.tasks.params import DataParams, load_params
+    from ganforge.tasks.shard import shard
+    from ganforge.tasks.sweep import sweep
+
+    shard("synthetic:shapes:8", tmp_path / "shards", DataParams(resolution=8, workers=1), progress=False)
+    out = tmp_path / "sw"
+    space = parse_space(None, grid=["train.progan.lr=0.001,0.002"])
+    p = load_params(None, {"data.shards": str(tmp_path / "shards"), "eval.every_kimg": 0.1})
+    out.mkdir()
+    asked = {"space": space, "num_samples": 1, "stages": 4, "metric": "fid", "mode": "min", "grace_kimg": 0.1,
+             "reduction_factor": 2.0, "max_kimg": sum(s.kimg for s in get_family(p.train).stages()),
+             "family": "progan", "seed": 0}
+    base = p.model_dump(mode="json")
+    (out / "sweep.json").write_text(json.dumps({"asked": {**asked, "num_samples": 3}, "base": base}))
+    with pytest.raises(ParamsError, match="holds another sweep"):
+        sweep(p, space, out)
+    base["train"]["progan"]["r1_gamma"] = 1.0
+    (out / "sweep.json").write_text(json.dumps({"asked": asked, "base": base}))
+    with pytest.raises(ParamsError, match=r"holds this sweep with other params \(train.progan.r1_gamma differ\)"):
+        sweep(p, space, out)
