@@ -2,7 +2,8 @@
 
 (a) autoencoder stage images/s: a hand-written PyTorch loop (L1 + VQ loss only) as the baseline, then
     the shared loop's autoencoder stage before ``disc_start`` (L1 + VQ + dead-code bookkeeping) and after
-    it (+ PatchGAN, adaptive weight: two extra gradient passes).
+    it (+ PatchGAN, adaptive weight: two extra gradient passes), and the same plain loop with the ViT-VQGAN
+    tokenizer (``tokenizer: vit``, params.yaml's vit sizes: the same 8x8 code grid).
 (b) prior training tokens/s: our GPT vs torch.nn.TransformerEncoder (pre-norm, causal mask) of the
     same width and depth as the baseline.
 (c) sampling images/s with the KV cache vs without it (same model, same uniforms, same samples).
@@ -66,6 +67,18 @@ def main() -> None:
             opt.step()
 
         plain = _rate(plain_step, batch, a.steps, dev)
+        vit_fam = VQGAN(base.train.model_copy(update={"vqgan": base.train.vqgan.model_copy(update={"tokenizer": "vit"})}))
+        vit = vit_fam.vq_model().to(dev)
+        vopt = torch.optim.Adam(vit.parameters(), lr=2e-4)
+
+        def vit_step():
+            rec, q, _ = vit(x)
+            loss = (rec - x).pow(2).mean() + q
+            vopt.zero_grad(set_to_none=True)
+            loss.backward()
+            vopt.step()
+
+        vit_rate = _rate(vit_step, batch, a.steps, dev)
         rates = []
         for disc_start in (10_000, 0):
             p = base.train.model_copy(update={"vqgan": base.train.vqgan.model_copy(update={"disc_start": disc_start})})
@@ -77,6 +90,7 @@ def main() -> None:
         print(f"    plain PyTorch loop (L1 + VQ)          {plain:8.1f}   (baseline)")
         print(f"    ganforge stage, before disc_start     {rates[0]:8.1f}   ratio {rates[0] / plain:5.2f}")
         print(f"    ganforge stage, PatchGAN on           {rates[1]:8.1f}   ratio {rates[1] / plain:5.2f}")
+        print(f"    plain loop, ViT-VQGAN tokenizer       {vit_rate:8.1f}   ratio {vit_rate / plain:5.2f}")
 
         # (b) prior training tokens/s
         pp = base.train.vqgan

@@ -15,12 +15,14 @@ import torch
 
 from ganforge.models.nn.gpt import GPT, adamw_param_groups, cosine_lr, draw, filter_logits, sample
 from ganforge.models.nn.lpips import load_lpips
-from ganforge.models.families.vqgan import VQGAN, VectorQuantizer, codebook_stats
+from ganforge.models.families.vqgan import VQGAN, L2VectorQuantizer, VectorQuantizer, ViTVQModel, codebook_stats
 from ganforge.tasks.errors import CheckpointError
 from ganforge.tasks.params import Params, ParamsError, TrainParams, load_params
 
 TINY = dict(ch=8, ch_mult=[1, 2, 2], z_channels=8, embed_dim=8, n_embed=32, disc_start=4, disc_ch=8, disc_layers=2,
             restart_every=5, n_layer=2, n_head=2, n_embd=32, warmup_steps=2, autoencoder_kimg=0.16, prior_kimg=0.16)
+TINY_VIT = {**TINY, "tokenizer": "vit", "patch_size": 4, "vit_dim": 16, "vit_depth": 1, "vit_heads": 2,
+            "lookup_dim": 4}  # the same 4x4 code grid at 16px as TINY's conv tokenizer
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -52,6 +54,29 @@ def test_quantizer_straight_through_and_loss_weights(legacy):
     assert torch.allclose(ge, expect_ge, atol=1e-6)
 
 
+def test_l2_lookup_picks_the_code_of_largest_cosine_similarity():
+    torch.manual_seed(0)
+    q = L2VectorQuantizer(16, 4)
+    z = torch.randn(2, 4, 3, 3)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    cos = torch.nn.functional.cosine_similarity(flat[:, None], q.embedding.weight[None], dim=-1)
+    assert torch.equal(q.codes(z).reshape(-1), cos.argmax(1))
+    assert torch.equal(q.codes(7.5 * z), q.codes(z))  # only directions count
+    # a long code beside the input and a short one in its direction: Euclidean and cosine lookups disagree
+    with torch.no_grad():
+        q.embedding.weight[:2] = torch.tensor([[0.1, 0.08, 0.0, 0.0], [2.0, 1.2, 0.0, 0.0]])
+        q.embedding.weight[2:] = -10.0
+    x = torch.tensor([1.5, 1.5, 0.0, 0.0])[None, :, None, None]
+    assert int(q.codes(x)) == 0 and int(VectorQuantizer.codes(q, x)) == 1
+    zq, loss, info = q(x)  # the VQ terms between the normalized vectors; the output is the unit code (s-t)
+    unit = torch.nn.functional.normalize(torch.tensor([0.1, 0.08, 0.0, 0.0]), dim=0)
+    assert torch.allclose(zq.flatten(), unit, atol=1e-6)
+    expected = ((unit - torch.tensor([2 ** -0.5, 2 ** -0.5, 0, 0])) ** 2).mean().item()
+    assert float(info["codebook_loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(loss) == pytest.approx(1.25 * expected, rel=1e-5)  # codebook + 0.25 commitment
+    assert torch.allclose(q.lookup(torch.tensor([[[1]]])).norm(dim=1), torch.ones(1))
+
+
 def test_codebook_stats_counts_and_perplexity():
     idx = torch.tensor([[0, 0, 1, 1], [2, 2, 3, 3]])
     st = codebook_stats(idx, 8)
@@ -77,7 +102,8 @@ def test_dead_codes_are_restarted_onto_encoder_outputs():
     assert q.usage.sum() == 0  # a new window starts
 
 
-def test_token_round_trip_is_stable_once_the_autoencoder_has_learned():
+@pytest.mark.parametrize("tokenizer", ["conv", "vit"])
+def test_token_round_trip_is_stable_once_the_autoencoder_has_learned(tokenizer):
     """encode -> decode -> encode gives back (nearly) the same codes: tokens describe images the decoder makes."""
     from sklearn.datasets import load_digits
 
@@ -85,7 +111,11 @@ def test_token_round_trip_is_stable_once_the_autoencoder_has_learned():
 
     torch.manual_seed(0)
     x = torch.tensor(load_digits().images[:64], dtype=torch.float32)[:, None].repeat(1, 3, 1, 1) / 8 - 1
-    vq = VQModel(16, [1, 2], 1, 8, 8, 32, 0.25, False, False)
+    if tokenizer == "conv":
+        vq = VQModel(16, [1, 2], 1, 8, 8, 32, 0.25, False, False)
+    else:  # 2x2 patches of the 8x8 digits: the same 4x4 grid
+        x = x.clamp(-1, 1)
+        vq = ViTVQModel(8, 2, 32, 1, 2, 2.0, 8, 32, 0.25, False)
     opt = torch.optim.Adam(vq.parameters(), lr=2e-3)
     first = None
     for _ in range(300):
@@ -95,7 +125,7 @@ def test_token_round_trip_is_stable_once_the_autoencoder_has_learned():
         opt.zero_grad()
         (l1 + qloss).backward()
         opt.step()
-    assert l1.item() < 0.1 * first
+    assert l1.item() < (0.1 if tokenizer == "conv" else 0.25) * first
     with torch.no_grad():
         idx = vq.encode_codes(x)
         again = vq.encode_codes(vq.decode_codes(idx))
@@ -189,6 +219,14 @@ def test_vqgan_params_are_validated():
         load_params(None, {"train.family": "vqgan", "train.resolution": 8, "train.vqgan.ch_mult": [1, 2]})
     with pytest.raises(ParamsError, match="train.family"):
         load_params(None, {"train.family": "vqgan2"})
+    with pytest.raises(ParamsError, match="patch_size 5 must divide train.resolution 16"):
+        load_params(None, {"train.family": "vqgan", "train.resolution": 16, "train.vqgan.tokenizer": "vit",
+                           "train.vqgan.patch_size": 5})
+    with pytest.raises(ParamsError, match=r"vit_dim \(30\) must be divisible by vit_heads \(4\)"):
+        load_params(None, {"train.family": "vqgan", "train.vqgan.vit_dim": 30})
+    vit = VQGAN(TrainParams(family="vqgan", resolution=32, vqgan={"tokenizer": "vit", "patch_size": 8}))
+    assert vit.grid_hw == 4 and vit.n_tokens == 16 and vit.rec_loss == "l2"
+    assert "vit: 4x4 tokens of 8x8 patches" in vit.notes(vit.stages()[0])["tokenizer"]
     stages = VQGAN(TrainParams(family="vqgan", resolution=32)).stages()
     assert [(s.name, s.kind) for s in stages] == [
         ("vqgan-1-autoencoder", "train"), ("vqgan-2-tokens", "tokens"), ("vqgan-3-prior", "train")]
@@ -291,21 +329,25 @@ def test_token_stage_refuses_bad_input(digits_shards, tmp_path):
     assert Path(digits_shards, "manifest.json").exists()
 
 
-def test_prior_stage_keeps_the_autoencoder_that_made_its_tokens(digits_shards, tmp_path):
+@pytest.mark.parametrize("tiny", [TINY, TINY_VIT], ids=["conv", "vit"])
+def test_prior_stage_keeps_the_autoencoder_that_made_its_tokens(tiny, digits_shards, tmp_path):
     """With EMA on, the tokens come from the autoencoder's EMA weights; the prior stage must decode with exactly
-    those (its frozen copy is neither trained nor pulled towards anything), in-process (LocalSession)."""
+    those (its frozen copy is neither trained nor pulled towards anything), in-process (LocalSession). The
+    tokens stage is the same for both tokenizers: it only calls encode_codes."""
     from ganforge.tasks.checkpoint import load_state
     from ganforge.tasks.loop import LocalSession, run_stage
     from ganforge.tasks.tokens import extract_tokens
 
     tp = TrainParams(family="vqgan", resolution=16, batch_size=8, checkpoint_kimg=1.0, grid_size=2,
-                     ema_half_life_kimg=0.01, vqgan={**TINY, "ema": True, "autoencoder_kimg": 0.04, "prior_kimg": 0.04})
+                     ema_half_life_kimg=0.01, vqgan={**tiny, "ema": True, "autoencoder_kimg": 0.04, "prior_kimg": 0.04})
     cfg = {"params": tp.model_dump(mode="json"), "shards": str(digits_shards), "run_dir": None}
     ae = LocalSession(tmp_path / "ae", device="cpu")
     run_stage({**cfg, "stage": 0}, ae)
     ae_state = load_state(ae.checkpoints[-1])
-    assert not torch.equal(ae_state["ema"]["VQ"]["decoder.conv_out.weight"], ae_state["modules"]["VQ"]["decoder.conv_out.weight"])
-    extract_tokens(ae.checkpoints[-1], digits_shards, tmp_path / "tokens", workers=1, progress=False)
+    last = "decoder.conv_out.weight" if tiny is TINY else "decoder.to_pixels.weight"
+    assert not torch.equal(ae_state["ema"]["VQ"][last], ae_state["modules"]["VQ"][last])
+    tok = extract_tokens(ae.checkpoints[-1], digits_shards, tmp_path / "tokens", workers=1, progress=False)
+    assert tok["grid"] == [4, 4] and tok["codebook_size"] == 32
     prior = LocalSession(tmp_path / "prior", device="cpu")
     run_stage({**cfg, "stage": 2, "shards": str(tmp_path / "tokens"), "init": ae.checkpoints[-1]}, prior)
     st = load_state(prior.checkpoints[-1])

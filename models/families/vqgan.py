@@ -16,6 +16,12 @@ The architecture follows taming-transformers' ``Encoder``/``Decoder``/
 ``NLayerDiscriminator`` (ResNet blocks, self-attention at the lowest resolution,
 1x1 convs into and out of the quantizer), written afresh and sized for small
 images.
+
+``tokenizer: vit`` makes stage 1 a ViT-VQGAN (Yu et al. 2021, "Vector-quantized Image Modeling with Improved
+VQGAN"): a Vision Transformer encoder and decoder over p x p patches (models/nn/vit.py) and factorized codes, the
+encoder output projected to a ``lookup_dim``-dimensional space where it and the codebook are l2-normalized and
+the nearest code is the one of largest cosine similarity; the quantized vector is projected back up for the
+decoder. The tokens and prior stages see only ``encode_codes`` / ``decode_codes`` and the code grid.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -43,6 +51,11 @@ class VQGANParams(Section):
     """VQ-GAN: autoencoder (stage 1) -> code extraction (stage 2) -> transformer prior (stage 3)."""
 
     # autoencoder
+    tokenizer: Literal["conv", "vit"] = Field(
+        "conv", description="conv: taming's convolutional autoencoder; vit: ViT-VQGAN (transformer encoder and "
+                            "decoder over patches, factorized l2-normalized codes)")
+    rec_loss: Literal["l1", "l2"] | None = Field(None, description="reconstruction loss; null: l1 (conv, as "
+                                                                   "taming), l2 (vit, as ViT-VQGAN)")
     ch: int = Field(32, ge=4, description="base channels of encoder/decoder")
     ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 2],
                                description="channel multiplier per level; downsampling factor f = 2^(len-1)")
@@ -52,6 +65,12 @@ class VQGANParams(Section):
     embed_dim: int = Field(32, ge=1, description="codebook vector dimension d")
     n_embed: int = Field(128, ge=2, le=32767, description="codebook size K")
     beta: float = Field(0.25, ge=0, description="commitment weight")
+    patch_size: int = Field(4, ge=1, description="vit: p x p patches, one token each (grid = resolution / p)")
+    vit_dim: int = Field(64, ge=8, description="vit: transformer width")
+    vit_depth: int = Field(2, ge=1, description="vit: blocks in the encoder and in the decoder")
+    vit_heads: int = Field(4, ge=1, description="vit: attention heads")
+    vit_mlp_ratio: float = Field(4.0, gt=0, description="vit: MLP width / transformer width")
+    lookup_dim: int = Field(8, ge=1, description="vit: dimension of the factorized, l2-normalized code lookup")
     legacy_beta: bool = Field(False, description="taming's legacy loss: beta on the codebook term instead")
     restart_every: int = Field(100, ge=0, description="steps between dead-code restarts (0: never)")
     lr: float = Field(2e-4, gt=0)
@@ -94,6 +113,8 @@ class VQGANParams(Section):
     def _heads(self) -> "VQGANParams":
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.vit_dim % self.vit_heads:
+            raise ValueError(f"vit_dim ({self.vit_dim}) must be divisible by vit_heads ({self.vit_heads})")
         return self
 
 
@@ -229,6 +250,27 @@ class VectorQuantizer(nn.Module):
         return zq, loss, {"indices": idx, "codebook_loss": codebook.detach(), "commitment_loss": commitment.detach()}
 
 
+class L2VectorQuantizer(VectorQuantizer):
+    """ViT-VQGAN's lookup: inputs and codes l2-normalized, the nearest code by cosine similarity (on the unit
+    sphere, the smallest Euclidean distance is the largest dot product); the VQ terms are measured between the
+    normalized vectors, the codebook term moving the codes and beta on the commitment term."""
+
+    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy: bool = False):
+        super().__init__(n_embed, embed_dim, beta, legacy)
+        nn.init.normal_(self.embedding.weight)  # directions uniform on the sphere
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, self.embed_dim).float(), dim=1)
+        sim = flat @ F.normalize(self.embedding.weight.float(), dim=1).t()
+        return sim.argmax(1).view(z.shape[0], z.shape[2], z.shape[3])
+
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embedding(idx), dim=-1).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        return super().forward(F.normalize(z, dim=1))
+
+
 def codebook_stats(indices: torch.Tensor, n_embed: int) -> dict[str, float]:
     """Fraction of codes used and the perplexity exp(H(p)) of the code histogram."""
     counts = torch.bincount(indices.reshape(-1), minlength=n_embed).double()
@@ -248,15 +290,19 @@ class VQModel(nn.Module):
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta, legacy)
         self.downsample = 2 ** (len(ch_mult) - 1)
 
+    def pre_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output in the codebook's space [B, d, h, w] (what dead codes restart onto)."""
+        return self.quant_conv(self.encoder(x))
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        return self.quantize(self.pre_quant(x))
 
     def decode(self, zq: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(zq))
 
     @torch.no_grad()
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantize.codes(self.quant_conv(self.encoder(x)))
+        return self.quantize.codes(self.pre_quant(x))
 
     def decode_codes(self, idx: torch.Tensor) -> torch.Tensor:
         return self.decode(self.quantize.lookup(idx))
@@ -269,6 +315,30 @@ class VQModel(nn.Module):
         return self.decode(zq), qloss, info
 
 
+class ViTVQModel(VQModel):
+    """ViT-VQGAN's autoencoder: the same interface as :class:`VQModel` (encode / decode, codes in and out, the
+    decoder's last layer for the adaptive GAN weight), with a ViT encoder and decoder and factorized codes:
+    Linear(D -> lookup_dim) into the l2-normalized lookup, Linear(lookup_dim -> D) out of it."""
+
+    def __init__(self, resolution: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float,
+                 lookup_dim: int, n_embed: int, beta: float, legacy: bool, dropout: float = 0.0):
+        nn.Module.__init__(self)
+        from ganforge.models.nn.vit import ViTDecoder, ViTEncoder
+
+        self.encoder = ViTEncoder(resolution, patch, dim, depth, heads, mlp_ratio, dropout)
+        self.decoder = ViTDecoder(resolution, patch, dim, depth, heads, mlp_ratio, dropout)
+        self.quant_conv = nn.Conv2d(dim, lookup_dim, 1)  # per token: a linear projection
+        self.post_quant_conv = nn.Conv2d(lookup_dim, dim, 1)
+        self.quantize = L2VectorQuantizer(n_embed, lookup_dim, beta, legacy)
+        self.downsample = patch
+
+    def pre_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.quant_conv(self.encoder(x)), dim=1)
+
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.to_pixels.weight
+
+
 # ----------------------------------------------------------------------------- the family
 
 
@@ -279,17 +349,24 @@ class VQGAN(GANFamily):
 
     def __init__(self, params):
         super().__init__(params)
-        self.grid_hw = params.resolution // 2 ** (len(self.p.ch_mult) - 1)
+        f = self.p.patch_size if self.p.tokenizer == "vit" else 2 ** (len(self.p.ch_mult) - 1)
+        self.grid_hw = params.resolution // f
         self.n_tokens = self.grid_hw**2
         self.latent_dim = self.n_tokens  # one N(0,1) per token, mapped to the uniform that draws it
         self.num_classes = self.p.prior_classes
+        self.rec_loss = self.p.rec_loss or ("l2" if self.p.tokenizer == "vit" else "l1")
         self._lpips: LPIPS | None = None
         self._lpips_loaded = False
 
     @classmethod
     def check_params(cls, train, section: VQGANParams) -> None:
+        if section.tokenizer == "vit":
+            p = section.patch_size
+            if train.resolution % p or train.resolution // p < 2:
+                raise ValueError(f"train.{cls.name}.patch_size {p} must divide train.resolution {train.resolution} "
+                                 f"into a grid of at least 2x2 patches")
         f = 2 ** (len(section.ch_mult) - 1)
-        if train.resolution // f < 2:
+        if section.tokenizer == "conv" and train.resolution // f < 2:
             raise ValueError(f"train.{cls.name}.ch_mult downsamples by {f}: too much for train.resolution "
                              f"{train.resolution}")
         if train.resolution < 3 * 2**section.disc_layers:
@@ -325,10 +402,18 @@ class VQGAN(GANFamily):
         if stage.name != AUTOENCODER:
             return {}
         _, reason = self.perceptual()
-        return {"perceptual_loss": reason}
+        p, g = self.p, self.grid_hw
+        kind = (f"vit: {g}x{g} tokens of {p.patch_size}x{p.patch_size} patches, width {p.vit_dim}, depth "
+                f"{p.vit_depth}, l2-normalized {p.lookup_dim}-d lookup" if p.tokenizer == "vit"
+                else f"conv: {g}x{g} tokens, {p.embed_dim}-d codes")
+        return {"perceptual_loss": reason, "tokenizer": f"{kind}, codebook {p.n_embed}, {self.rec_loss} "
+                                                        f"reconstruction"}
 
     def vq_model(self) -> VQModel:
         p = self.p
+        if p.tokenizer == "vit":
+            return ViTVQModel(self.params.resolution, p.patch_size, p.vit_dim, p.vit_depth, p.vit_heads,
+                              p.vit_mlp_ratio, p.lookup_dim, p.n_embed, p.beta, p.legacy_beta)
         return VQModel(p.ch, p.ch_mult, p.num_res_blocks, p.z_channels, p.embed_dim, p.n_embed, p.beta,
                        p.legacy_beta, p.attention)
 
@@ -383,7 +468,7 @@ class VQGAN(GANFamily):
             rec, qloss, info = VQ(real)
         rec = rec.float()
         l1 = (real - rec).abs().mean()
-        rec_loss = l1
+        rec_loss = l1 if self.rec_loss == "l1" else (real - rec).pow(2).mean()
         lp, _ = self.perceptual()
         metrics: dict[str, float] = {}
         if lp is not None:
@@ -421,7 +506,7 @@ class VQGAN(GANFamily):
         if p.restart_every:
             restart_now = (ctx.step + 1) % p.restart_every == 0
             with torch.no_grad():
-                z = inner.quant_conv(inner.encoder(real)) if restart_now else None
+                z = inner.pre_quant(real) if restart_now else None
             restarted = self._restart_dead_codes(inner.quantize, info["indices"], z, ctx)
         # the codebook and commitment terms are the same squared distance; only their gradients differ
         metrics.update(loss_rec=float(rec_loss.detach()), l1=float(l1.detach()), loss_q=float(qloss.detach()),
