@@ -1,5 +1,6 @@
-"""The textbook GANs' training cost, side by side in one run: every loss and trick of the dcgan family and the
-semi-supervised GAN, against DCGAN with the non-saturating loss measured in the same run (the baseline).
+"""The textbook GANs' training cost, side by side in one run: every loss and trick of the dcgan family, the
+semi-supervised GAN and every train.augment policy (DiffAugment, ADA at p = 0.5, Diffusion-GAN at T = 250),
+against DCGAN with the non-saturating loss measured in the same run (the baseline).
 
 Columns: real images/s (what kimg counts: every critic batch), G updates/s (what n_critic slows down), and the
 ratio of each to the baseline's. The shared loop runs in-process (LocalSession), one configuration after the
@@ -29,6 +30,10 @@ CONFIGS = [
     ("dcgan + instance noise + smoothing", "dcgan", {"instance_noise": 0.1, "label_smoothing": 0.1}),
     ("sgan (D + baseline classifier)", "sgan", {"width": 64}),
     ("sgan without the baseline", "sgan", {"width": 64, "baseline": False}),
+    ("dcgan + augment diffaugment", "dcgan", {}, {"augment": "diffaugment"}),
+    ("dcgan + augment ada (p 0.5, held)", "dcgan", {}, {"augment": "ada", "ada": {"p_init": 0.5, "kimg": 1e9}}),
+    ("dcgan + augment diffusion (T 250, held)", "dcgan", {},
+     {"augment": "diffusion", "diffusion": {"t_init": 250, "kimg": 1e9}}),
 ]
 
 
@@ -50,9 +55,9 @@ def main() -> None:
           progress=False)
 
     rows = []
-    for label, family, section in CONFIGS:
+    for label, family, section, *train in CONFIGS:
         p = TrainParams.model_validate(dict(family=family, resolution=a.resolution, batch_size=32, checkpoint_kimg=1e6,
-                                            log_every=10_000, **{family: section}))
+                                            log_every=10_000, **{family: section}, **(train[0] if train else {})))
         cfg = {"params": p.model_dump(mode="json"), "stage": 0, "shards": str(tmp / "shards"), "run_dir": None}
         warm = LocalSession(tmp / "ckpt")
         run_stage({**cfg, "max_steps": a.warmup}, warm)

@@ -110,11 +110,17 @@ class GANFamily(ABC):
     # the evaluation number the promotion gate compares unless registry.gate_metric says otherwise, and which
     # way it improves: FID for generators; a classifier's accuracy
     gate: ClassVar[tuple[str, str]] = ("fid", "lower")
+    # whether train.augment may be ada / diffusion: the family feeds D's outputs on real images back
+    # (:meth:`d_feedback`) and builds its discriminators with :attr:`d_in_channels` input channels
+    adaptive_augment: ClassVar[bool] = False
 
     def __init__(self, params: Any):
         """``params``: the validated ``train`` section (its ``<name>`` field is this family's section)."""
+        from ganforge.models.augment import make_augmenter
+
         self.params = params
         self.p = getattr(params, self.name)
+        self.augmenter = make_augmenter(params)
 
     # --- params
     @classmethod
@@ -211,11 +217,33 @@ class GANFamily(ABC):
         return y
 
     def d_input(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """What a discriminator sees of ``x`` (real or generated): ``train.augment``'s policy (DiffAugment) with
-        fresh randomness from the step's generator; the images themselves when it is ``none``."""
-        from ganforge.models.augment import augment
+        """What a discriminator sees of ``x`` (real or generated): ``train.augment``'s policy (DiffAugment, ADA at
+        its current p, Diffusion-GAN's x_t with t as :attr:`d_in_channels` - 3 extra channels) with fresh
+        randomness from the step's generator; the images themselves when it is ``none``."""
+        return self.augmenter(x, ctx.generator)
 
-        return augment(getattr(self.params, "augment", "none"), x, ctx.generator)
+    @property
+    def d_in_channels(self) -> int:
+        """Input channels of a discriminator: 3, plus what the augmentation adds (Diffusion-GAN's t)."""
+        return 3 + self.augmenter.extra_channels
+
+    def d_feedback(self, real_logits: torch.Tensor) -> None:
+        """D's outputs on the real images of a discriminator step, positive meaning 'real': the overfitting
+        signal E[sign(D(real))] that ADA's p and Diffusion-GAN's T follow (a no-op for the other policies)."""
+        self.augmenter.feedback(real_logits)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` plus the augmentation's (ADA's p, Diffusion-GAN's T): what a checkpoint stores."""
+        state = dict(self.state_dict())
+        aug = self.augmenter.state_dict()
+        if aug:
+            state["augment"] = aug
+        return state
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` returned (resume, and a stage started from the previous one)."""
+        self.load_state_dict(state)
+        self.augmenter.load_state_dict(state.get("augment") or {})
 
     def ema_half_life(self, stage: StageSpec, images_in_stage: int, half_life_images: float) -> float:
         """The EMA half-life, in images, at this point of the stage (StyleGAN2 ramps it up from 0)."""

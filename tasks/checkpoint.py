@@ -218,5 +218,5 @@ def build_generator(train_params: dict, stage_name: str, ema_state: dict, family
         m.load_state_dict(ema_state[k])
         m.to(device).eval().requires_grad_(False)
     if family_state:
-        family.load_state_dict(family_state)
+        family.restore_state(family_state)
     return family, stage, ema

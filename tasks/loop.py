@@ -226,12 +226,12 @@ def run_stage(config: dict, session=None) -> dict:
             opts_state = state["optimizers"]
             step, images = state["step"], state["images_in_stage"]
             drawn = int(state.get("batches_drawn", step))
-            family.load_state_dict(state.get("family_state") or {})
+            family.restore_state(state.get("family_state") or {})
             family.load_rank_state_dict(restore_rng(d, rank))
         else:
             if state is not None:
                 family.grow(modules, state["modules"])
-                family.load_state_dict(state.get("family_state") or {})  # e.g. ADA's p continues into the stage
+                family.restore_state(state.get("family_state") or {})  # e.g. ADA's p continues into the stage
             ema = {k: copy.deepcopy(modules[k]) for k in ema_names}
             if state is not None:
                 family.grow(ema, state["ema"])
@@ -299,7 +299,7 @@ def run_stage(config: dict, session=None) -> dict:
         batch = next_batch()
         ctx = StepContext(step, images, torch.Generator().manual_seed(step_seed(params.seed, stage.index, rank, step)),
                           dev, autocast, no_sync, next_batch)
-        last = family.train_step(modules, opts, batch, stage, ctx)
+        last = {**family.train_step(modules, opts, batch, stage, ctx), **family.augmenter.metrics()}  # ADA's p, T
         with torch.no_grad():
             b = 0.0  # before the EMA start (or without EMA) the copies follow the weights
             if use_ema and images >= ema_start:
@@ -339,7 +339,7 @@ def run_stage(config: dict, session=None) -> dict:
                         state = {
                             "family": family.name, "stage": stage.name, "stage_index": stage.index,
                             "resolution": stage.resolution, "step": step, "images_in_stage": images,
-                            "batches_drawn": drawn, "family_state": family.state_dict(),
+                            "batches_drawn": drawn, "family_state": family.checkpoint_state(),
                             "alpha": float(last.get("alpha", 1.0)), "attempt_start_images": attempt_start,
                             "modules": {k: _unwrap(m).state_dict() for k, m in modules.items()},
                             "ema": {k: m.state_dict() for k, m in ema.items()},

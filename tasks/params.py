@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
 
 from ganforge.tasks.errors import GanforgeError
+from ganforge.models.augment import ADAPTIVE_AUGMENTATIONS, AdaParams, DiffusionParams, check_augment
 from ganforge.models.family import Pow2, Section
 from ganforge.models.families import family_class, family_classes
 from ganforge.tasks.metrics import METRICS, load_metric_plugins
@@ -82,8 +83,12 @@ class _TrainBase(_Section):
                                "every worker wait); 0: every row")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per Ray worker")
     xflip: bool = Field(False, description="random horizontal flips of real images")
-    augment: Literal["none", "diffaugment"] = Field(
-        "none", description="augmentation of what every discriminator sees (DiffAugment: small datasets)")
+    augment: Literal["none", "diffaugment", "ada", "diffusion"] = Field(
+        "none", description="augmentation of what every discriminator sees, for small datasets: DiffAugment, ADA "
+                            "(adaptive p, train.ada) or Diffusion-GAN (adaptive T, train.diffusion)")
+    ada: AdaParams = Field(default_factory=AdaParams, description="ADA's target, speed and transforms")
+    diffusion: DiffusionParams = Field(default_factory=DiffusionParams,
+                                       description="Diffusion-GAN's schedule, target and speed")
     seed: int = Field(0, ge=0, description="seed of initialisation, latents and data order (resume-exact)")
     amp: bool = Field(True, description="bf16/fp16 autocast when a GPU is used")
     grid_size: int = Field(8, ge=1, le=32, description="sample grid is grid_size x grid_size")
@@ -93,6 +98,12 @@ class _TrainBase(_Section):
     @model_validator(mode="after")
     def _family_checks(self) -> "_TrainBase":
         cls = family_class(self.family)
+        if self.augment in ADAPTIVE_AUGMENTATIONS and not cls.adaptive_augment:
+            able = ", ".join(n for n, c in family_classes().items() if c.adaptive_augment)
+            raise ValueError(f"train.augment {self.augment} adapts to the discriminator's outputs on real images, "
+                             f"which family {self.family} does not report: use it with {able}, or "
+                             f"train.augment diffaugment")
+        check_augment(self)
         cls.check_params(self, getattr(self, self.family))
         return self
 

@@ -146,7 +146,9 @@ def test_flow_runs_the_gan_families(harness, tmp_path, family):
         section.update(ch=4, attention=8, latent_dim=12, num_classes=10)
     else:
         section["width"] = 8
-    base = tiny(tmp_path, family, family=family, augment="diffaugment" if family == "biggan" else "none",
+    # train.augment on 2 Ray workers: BigGAN with DiffAugment, SAGAN with ADA (p from both workers' D(real))
+    augment = {"biggan": "diffaugment", "sagan": "ada"}.get(family, "none")
+    base = tiny(tmp_path, family, family=family, augment=augment, ada=dict(p_init=0.3, kimg=0.5, interval=1),
                 **{family: section}).model_dump(mode="json")
     base["data"]["labelled_per_class"] = 4
     base["eval"].update(num_samples=30 if conditional else 12, class_min_images=2)
@@ -157,6 +159,12 @@ def test_flow_runs_the_gan_families(harness, tmp_path, family):
     assert r["fid"] > 0 and r["model"] == f"ganforge-{family}" and r["version"] == 1 and r["promoted"]
     summary = json.loads((Path(p.train.out) / "summary.json").read_text())
     assert summary["stages"][f"{family}-r0008"]["images_seen"] == section["kimg"] * 1000
+    if augment == "ada":  # p was adjusted at every D step (by 0.032) from r_t, logged, and kept in the checkpoint
+        last = summary["stages"][f"{family}-r0008"]
+        assert 0 <= last["last_metrics"]["ada_p"] <= 1 and -1 <= last["last_metrics"]["ada_rt"] <= 1
+        from ganforge.tasks.checkpoint import load_state
+
+        assert load_state(last["checkpoint"])["family_state"]["augment"]["strength"] == last["last_metrics"]["ada_p"]
     setup_mlflow(p.runtime)
     if family != "sgan":  # class-conditional generators
         imgs = sample_registered(f"models:/{r['model']}@champion", [0, 0, 0], labels=[0, 1, 2])
@@ -204,19 +212,24 @@ def test_flow_runs_the_style_families(harness, tmp_path, family):
 
     section = dict(latent_dim=8, w_dim=8, mapping_layers=2)
     conditional = family == "stylegan2"
-    if conditional:
+    if conditional:  # with Diffusion-GAN's forward process before D (t as extra input channels)
         section.update(channel_base=64, channel_max=8, kimg=0.064, conditional=True, r1_interval=2, pl_interval=2)
     else:
         section.update(fmap_base=32, fmap_max=8, transition_kimg=0.032, stabilize_kimg=0.032)
-    base = tiny(tmp_path, family, family=family, **{family: section}).model_dump(mode="json")
+    augment = dict(augment="diffusion", diffusion=dict(t_init=50, kimg=1.0, interval=1)) if conditional else {}
+    base = tiny(tmp_path, family, family=family, **augment, **{family: section}).model_dump(mode="json")
     if conditional:
         base["data"].update(source="digits", shards=str(tmp_path / "digits8"))
         base["eval"].update(num_samples=30, class_min_images=2)
     p = Params.model_validate(base)
     r = train_pipeline(params=p, return_state=True).result()
     assert r["fid"] > 0 and r["model"] == f"ganforge-{family}" and r["version"] == 1 and r["promoted"]
-    stages = list(json.loads((Path(p.train.out) / "summary.json").read_text())["stages"])
+    summary = json.loads((Path(p.train.out) / "summary.json").read_text())
+    stages = list(summary["stages"])
     assert stages == (["stylegan2-r0008"] if conditional else ["stylegan-r0004", "stylegan-r0008"])
+    if conditional:  # T was adjusted from the workers' r_d at every D step, and logged
+        m = summary["stages"]["stylegan2-r0008"]["last_metrics"]
+        assert 5 <= m["diffusion_T"] <= 500 and -1 <= m["diffusion_rd"] <= 1
     setup_mlflow(p.runtime)
     uri = f"models:/{r['model']}@champion"
     labels = [3, 3] if conditional else None

@@ -121,13 +121,13 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Residual down blocks R -> 4 (+ one at 4), self-attention at ``attention``, sum pooling, projection."""
 
-    def __init__(self, resolution: int, ch: int, num_classes: int, attention: int):
+    def __init__(self, resolution: int, ch: int, num_classes: int, attention: int, in_channels: int = 3):
         super().__init__()
         c = channels(resolution, ch)
         sizes = list(reversed(_sizes(resolution)))  # R, R/2, ..., 4
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()
-        cin = 3
+        cin = in_channels
         for i, r in enumerate(sizes[:-1]):
             self.blocks.append(DBlock(cin, c(r), down=True, first=i == 0))
             cin = c(r)
@@ -152,6 +152,7 @@ class Discriminator(nn.Module):
 class SAGAN(SingleStageFamily):
     name = "sagan"
     Params = SAGANParams
+    adaptive_augment = True
     hierarchical = False
 
     def __init__(self, params):
@@ -171,7 +172,7 @@ class SAGAN(SingleStageFamily):
         p, r = self.p, stage.resolution
         return {"G": Generator(r, p.ch, p.latent_dim, self.num_classes, p.attention, self.hierarchical,
                                getattr(p, "shared_dim", 0)),
-                "D": Discriminator(r, p.ch, self.num_classes, p.attention)}
+                "D": Discriminator(r, p.ch, self.num_classes, p.attention, self.d_in_channels)}
 
     def optimizers(self, modules):
         p = self.p
@@ -201,6 +202,7 @@ class SAGAN(SingleStageFamily):
                 d_real = D(aug(real), y).float()
                 d_fake = D(aug(fake), y).float()
             d_loss = losses.d_loss("hinge", d_real, d_fake)
+            self.d_feedback(d_real)  # ADA / Diffusion-GAN
             opts["D"].zero_grad(set_to_none=True)
             d_loss.backward()
             opts["D"].step()

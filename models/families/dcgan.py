@@ -115,12 +115,12 @@ class Discriminator(nn.Module):
     """DCGAN's D; ``out`` logits (1 for a GAN, K+1 for the semi-supervised GAN's classifier)."""
 
     def __init__(self, resolution: int, width: int, *, norm: str = "batch", num_classes: int = 0, out: int = 1,
-                 minibatch_std: bool = False, dropout: float = 0.0):
+                 minibatch_std: bool = False, dropout: float = 0.0, in_channels: int = 3):
         super().__init__()
         c = channels(resolution, width)
         self.resolution = resolution
         self.embed = nn.Embedding(num_classes, resolution * resolution) if num_classes else None
-        cin = 3 + (1 if num_classes else 0)
+        cin = in_channels + (1 if num_classes else 0)
         drop = [nn.Dropout(dropout)] if dropout else []
         layers: list[nn.Module] = [nn.Conv2d(cin, c(resolution // 2), 4, 2, 1), nn.LeakyReLU(0.2, True), *drop]
         r = resolution // 2
@@ -171,6 +171,7 @@ class DCGAN(SingleStageFamily):
     name = "dcgan"
     Params = DCGANParams
     ema_modules = ("G",)
+    adaptive_augment = True
 
     def __init__(self, params):
         super().__init__(params)
@@ -185,6 +186,13 @@ class DCGAN(SingleStageFamily):
         if section.label_smoothing and section.loss not in losses.SMOOTHABLE:
             raise ValueError(f"train.{cls.name}.label_smoothing needs a loss with targets "
                              f"({', '.join(losses.SMOOTHABLE)}), not {section.loss}")
+        if train.augment in ("ada", "diffusion") and section.loss in WASSERSTEIN:
+            raise ValueError(f"train.augment {train.augment} tunes itself by the sign of D(real), which a "
+                             f"{section.loss} critic does not have (its outputs shift freely): use another "
+                             f"train.{cls.name}.loss, or train.augment diffaugment")
+        if train.augment == "diffusion" and section.instance_noise:
+            raise ValueError(f"train.{cls.name}.instance_noise and train.augment diffusion both add noise to D's "
+                             f"inputs (Diffusion-GAN is an adaptive instance noise): set one of them")
         if resolved_settings(section)["d_norm"] == "batch" and section.loss == "wasserstein-gp":
             raise ValueError(f"train.{cls.name}.d_norm batch breaks wasserstein-gp's per-sample gradient penalty: "
                              f"use layer or none")
@@ -194,7 +202,7 @@ class DCGAN(SingleStageFamily):
         return {
             "G": Generator(r, p.latent_dim, p.width, self.num_classes, p.embed_dim),
             "D": Discriminator(r, p.width, norm=self.s["d_norm"], num_classes=self.num_classes,
-                               minibatch_std=p.minibatch_std),
+                               minibatch_std=p.minibatch_std, in_channels=self.d_in_channels),
         }
 
     def optimizers(self, modules):
@@ -242,6 +250,7 @@ class DCGAN(SingleStageFamily):
                 d_real = D(noisy(real_in), y).float()
                 d_fake = D(noisy(fake_in), y).float()
             d_loss = losses.d_loss(adv, d_real, d_fake, target)
+            self.d_feedback(d_real - 0.5 if p.loss == "least-squares" else d_real)  # ADA / Diffusion-GAN
             if p.loss == "wasserstein-gp":
                 eps = torch.rand(n, 1, 1, 1, generator=gen).to(dev)
                 penalty = regularizers.gradient_penalty(lambda x: D(x, y), real_in, fake_in, eps, ctx.autocast)

@@ -147,12 +147,12 @@ class DBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, resolution: int, nf, num_classes: int = 0, mbstd_group: int = 4):
+    def __init__(self, resolution: int, nf, num_classes: int = 0, mbstd_group: int = 4, in_channels: int = 3):
         super().__init__()
         self.resolution = resolution
         res = [2 ** i for i in range(2, log2(resolution) + 1)]
         c4 = nf(4)
-        self.from_rgb = nn.ModuleDict({str(resolution): EqualizedConv2d(3, nf(resolution), 1, gain=1.0)})
+        self.from_rgb = nn.ModuleDict({str(resolution): EqualizedConv2d(in_channels, nf(resolution), 1, gain=1.0)})
         self.blocks = nn.ModuleDict({str(r): DBlock(nf(r), nf(r // 2)) for r in reversed(res[1:])})
         self.mbstd = MinibatchStd(mbstd_group)
         self.conv = EqualizedConv2d(c4 + 1, c4, 3, 1, gain=1.0)
@@ -182,6 +182,7 @@ class Discriminator(nn.Module):
 class StyleGAN2(StyleControls, SingleStageFamily):
     name = "stylegan2"
     Params = StyleGAN2Params
+    adaptive_augment = True
 
     def __init__(self, params):
         super().__init__(params)
@@ -218,7 +219,8 @@ class StyleGAN2(StyleControls, SingleStageFamily):
         p = self.p
         return {"G": Generator(stage.resolution, p.latent_dim, p.w_dim, p.mapping_layers, p.mapping_lr_mul,
                                self.nf, self.num_classes, p.w_avg_beta),
-                "D": Discriminator(stage.resolution, self.nf, self.num_classes, p.minibatch_std_group)}
+                "D": Discriminator(stage.resolution, self.nf, self.num_classes, p.minibatch_std_group,
+                                   self.d_in_channels)}
 
     def grow(self, modules, previous) -> None:
         """From another StyleGAN2 checkpoint (fine-tuning; ``ganforge train --init``): every tensor whose name and
@@ -305,6 +307,7 @@ class StyleGAN2(StyleControls, SingleStageFamily):
             d_fake = D(self.d_input(fake, ctx), labels).float()
             d_real = D(self.d_input(real, ctx), labels).float()
         d_loss = losses.d_loss("non-saturating", d_real, d_fake)
+        self.d_feedback(d_real)  # ADA / Diffusion-GAN
         opts["D"].zero_grad(set_to_none=True)
         d_loss.backward()
         opts["D"].step()
