@@ -149,6 +149,18 @@ def _bernoulli(n: int, p: float, generator: torch.Generator) -> Tensor:
     return torch.rand(n, generator=generator) < p
 
 
+class _Coins:
+    """Per-image Bernoulli draws (is a transform on for image i?) that remember whether any came up."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator, self.any = n, generator, False
+
+    def __call__(self, prob: float) -> Tensor:
+        m = _bernoulli(self.n, prob, self.generator)
+        self.any = self.any or bool(m.any())
+        return m
+
+
 def _mat(n: int, size: int = 3) -> Tensor:
     return torch.eye(size).repeat(n, 1, 1)
 
@@ -180,13 +192,7 @@ def ada_geometric(n: int, size: int, p: float, a: AdaParams, generator: torch.Ge
     """Per-image 3x3 matrices (normalized coordinates, output -> input) of the geometric transforms, each on with
     probability p x its multiplier, for square images of ``size`` pixels; None when none is on for any image."""
     g = generator
-    mats, on_any = _mat(n), False
-
-    def on(prob: float) -> Tensor:
-        nonlocal on_any
-        m = _bernoulli(n, prob, g)
-        on_any = on_any or bool(m.any())
-        return m
+    mats, on = _mat(n), _Coins(n, g)
 
     def rand(*shape) -> Tensor:
         return torch.rand(shape if shape else (n,), generator=g)
@@ -217,7 +223,7 @@ def ada_geometric(n: int, size: int, p: float, a: AdaParams, generator: torch.Ge
         t = randn(n, 2) * 0.125 * 2
         o = on(p * a.xfrac)
         mats = mats @ _translate(_gate(o, t[:, 0], 0.0), _gate(o, t[:, 1], 0.0))
-    return mats if on_any else None
+    return mats if on.any else None
 
 
 _LUMA = torch.tensor([1.0, 1.0, 1.0]) / math.sqrt(3)  # the luma axis of the color transforms (as NVlabs)
@@ -226,15 +232,9 @@ _LUMA = torch.tensor([1.0, 1.0, 1.0]) / math.sqrt(3)  # the luma axis of the col
 def ada_color(n: int, p: float, a: AdaParams, generator: torch.Generator) -> Tensor | None:
     """Per-image 3x4 affine color matrices [M | b] (x -> M x + b on RGB in [-1, 1]); None when none is on."""
     g = generator
-    m, b, on_any = torch.eye(3).repeat(n, 1, 1), torch.zeros(n, 3), False
+    m, b, on = torch.eye(3).repeat(n, 1, 1), torch.zeros(n, 3), _Coins(n, g)
     v = _LUMA
     vv = torch.outer(v, v)
-
-    def on(prob: float) -> Tensor:
-        nonlocal on_any
-        o = _bernoulli(n, prob, g)
-        on_any = on_any or bool(o.any())
-        return o
 
     if a.brightness:
         b = b + _gate(on(p * a.brightness), torch.randn(n, generator=g) * 0.2, 0.0)[:, None]
@@ -254,7 +254,7 @@ def ada_color(n: int, p: float, a: AdaParams, generator: torch.Generator) -> Ten
         s = _gate(on(p * a.saturation), torch.exp2(torch.randn(n, generator=g) * 1.0), 1.0)
         t = vv + (torch.eye(3) - vv) * s[:, None, None]
         m, b = t @ m, (t @ b[:, :, None])[:, :, 0]
-    return torch.cat([m, b[:, :, None]], dim=2) if on_any else None
+    return torch.cat([m, b[:, :, None]], dim=2) if on.any else None
 
 
 def _reflect(p: Tensor, size: int) -> Tensor:

@@ -27,6 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from ganforge.models import losses, regularizers
+from ganforge.models.augment import ADAPTIVE_AUGMENTATIONS
 from ganforge.models.family import Betas, Section, SingleStageFamily, StageSpec, StepContext
 from ganforge.models.nn.equalized import MinibatchStd
 
@@ -186,7 +187,7 @@ class DCGAN(SingleStageFamily):
         if section.label_smoothing and section.loss not in losses.SMOOTHABLE:
             raise ValueError(f"train.{cls.name}.label_smoothing needs a loss with targets "
                              f"({', '.join(losses.SMOOTHABLE)}), not {section.loss}")
-        if train.augment in ("ada", "diffusion") and section.loss in WASSERSTEIN:
+        if train.augment in ADAPTIVE_AUGMENTATIONS and section.loss in WASSERSTEIN:
             raise ValueError(f"train.augment {train.augment} tunes itself by the sign of D(real), which a "
                              f"{section.loss} critic does not have (its outputs shift freely): use another "
                              f"train.{cls.name}.loss, or train.augment diffaugment")
