@@ -338,7 +338,7 @@ def cmd_dvc_stages(args: argparse.Namespace, params: Params) -> dict:
             pipelines[name] = (family, out)
     doc = write_stages(params, pipelines, args.file)
     return {"file": args.file, "pipelines": list(doc["pipelines"]),
-            "stages": list(doc["train"]) + list(doc["tokens"])}
+            "stages": list(doc["train"]) + list(doc["prepare"])}
 
 
 def cmd_dvc_remote(args: argparse.Namespace, params: Params) -> dict:

@@ -1,6 +1,6 @@
 """The DVC pipeline's stage list, derived from each family's own stages.
 
-``dvc.yaml`` is generic: its ``train`` and ``tokens`` stages ``foreach`` over the entries that
+``dvc.yaml`` is generic: its ``train`` and ``prepare`` stages ``foreach`` over the entries that
 ``ganforge dvc-stages`` writes into ``dvc-stages.yaml`` (loaded as DVC vars), one entry per stage of each
 pipeline (a family and its run folder). Changing ``train.resolution`` or a family's stage count is then
 ``ganforge dvc-stages`` (``make repro`` runs it), not an edit of dvc.yaml. Each entry records a hash of the
@@ -38,7 +38,7 @@ def stages_hash(params: Params) -> str:
 def build(params: Params, pipelines: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """``pipelines``: name -> (family, run folder). Returns the vars document."""
     shards = params.data.shards
-    doc: dict[str, Any] = {"pipelines": {}, "train": {}, "tokens": {}}
+    doc: dict[str, Any] = {"pipelines": {}, "train": {}, "prepare": {}}
     for name, (family, out) in pipelines.items():
         p = pipeline_params(params, family, out)
         fam = get_family(p.train)
@@ -49,10 +49,10 @@ def build(params: Params, pipelines: dict[str, tuple[str, str]]) -> dict[str, An
             key = f"{name}-{st.name}"
             entry = {"run": run, "stage": st.name, "init": f"--init {init}" if init else "",
                      "after": init or STAGES_FILE, "pipeline": name}
-            if st.kind == "tokens":
-                tokens = f"{out}/tokens"
-                doc["tokens"][key] = {**entry, "data": data, "out": tokens}
-                data = tokens  # later stages read the tokens; init stays the autoencoder
+            if st.kind == "prepare":  # e.g. VQ-GAN's tokens
+                prepared = f"{out}/{st.info.get('output') or st.name}"
+                doc["prepare"][key] = {**entry, "data": data, "out": prepared}
+                data = prepared  # later stages read the prepared shards; init stays the stage before
                 continue
             stage_dir = f"{out}/stages/{st.name}"
             doc["train"][key] = {**entry, "data": data, "out": stage_dir, "plot": f"{out}/plots/{st.name}.csv",

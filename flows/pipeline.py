@@ -202,6 +202,7 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     """Shard -> train every stage -> evaluate -> register -> promote, on params.yaml (overridable)."""
     from ganforge.models.families import get_family
     from ganforge.tasks.registry import log_training, start_pipeline_run
+    from ganforge.tasks.train import prepared_dir
     from ganforge.tasks.runtime import init_ray
 
     params = resolve(params, overrides)
@@ -215,9 +216,9 @@ def train_pipeline(params: Params | None = None, overrides: dict[str, Any] | Non
     stage_recs = []
     recorded = _recorded_stages(params)
     for st in get_family(params.train).stages():
-        # a cached tokens stage is only valid while its token shards exist, a cached training stage while its
+        # a cached preparation stage is only valid while its output shards exist, a cached training stage while its
         # final checkpoint is complete (a damaged one is trained again from the newest valid checkpoint)
-        gone = st.kind == "tokens" and not (Path(params.train.out) / "tokens" / "manifest.json").exists()
+        gone = st.kind == "prepare" and not (prepared_dir(Path(params.train.out), st) / "manifest.json").exists()
         if st.kind == "train" and st.name in recorded:
             from ganforge.tasks.checkpoint import checkpoint_problem
 

@@ -17,7 +17,7 @@ import io
 import mmap
 import random
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -323,6 +323,52 @@ class DomainPairStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for (xa, _), (xb, _) in zip(self.a, self.b):
             yield xa, xb
+
+
+# ----------------------------------------------------------------------------- streams by name
+
+# A family names the stream each training stage reads (GANFamily.data_stream); the loop looks it up here.
+# A builder takes (shards, stage, per-rank batch size, rank/world/seed/xflip/start_batch keywords).
+STREAMS: dict[str, Callable[..., IterableDataset]] = {}
+
+
+def register_stream(name: str):
+    """Register a stream builder under ``name`` (a new kind of training data: IC-GAN's instance neighbours...)."""
+    def deco(builder: Callable[..., IterableDataset]) -> Callable[..., IterableDataset]:
+        STREAMS[name] = builder
+        return builder
+    return deco
+
+
+def make_stream(name: str, shards: str | Path, stage, batch_size: int, **kw) -> IterableDataset:
+    """The stream ``name`` over ``shards`` for ``stage`` (a StageSpec), ``batch_size`` images per rank."""
+    if name not in STREAMS:
+        raise ValueError(f"stage {stage.name} reads data stream {name!r}, which is not registered; "
+                         f"known: {', '.join(sorted(STREAMS))}")
+    return STREAMS[name](shards, stage, batch_size, **kw)
+
+
+@register_stream("images")
+def _images(shards, stage, batch_size, **kw):
+    return TrainStream(shards, stage.resolution, batch_size, **kw)
+
+
+@register_stream("tokens")
+def _tokens(shards, stage, batch_size, **kw):
+    return TokenStream(shards, stage.resolution, batch_size, **kw)
+
+
+@register_stream("labelled")
+def _labelled(shards, stage, batch_size, **kw):
+    """Semi-supervised: ``stage.info["labelled_fraction"]`` of every batch from the labelled split."""
+    labelled = min(batch_size - 1, max(1, round(batch_size * stage.info["labelled_fraction"])))
+    return LabelledMixStream(shards, stage.resolution, batch_size, labelled=labelled, **kw)
+
+
+@register_stream("two-domain")
+def _two_domain(shards, stage, batch_size, **kw):
+    """Unpaired translation: (A, B) batches, resize-then-crop to ``stage.info["load_size"]``."""
+    return DomainPairStream(shards, stage.resolution, batch_size, load_size=stage.info.get("load_size"), **kw)
 
 
 def train_loader(stream: TrainStream, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

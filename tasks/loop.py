@@ -29,7 +29,7 @@ from torch import nn
 from ganforge.models.family import GANFamily, StageSpec, StepContext
 from ganforge.models.families import get_family
 from ganforge.tasks.checkpoint import GRID, checkpoint_dir, load_state, restore_rng, write_checkpoint
-from ganforge.tasks.data import DomainPairStream, LabelledMixStream, TokenStream, TrainStream, iter_split, to_model_input, train_loader
+from ganforge.tasks.data import iter_split, make_stream, to_model_input, train_loader
 from ganforge.tasks.history import record_report
 from ganforge.tasks.images import save_grid
 from ganforge.tasks.params import TrainParams
@@ -259,17 +259,8 @@ def run_stage(config: dict, session=None) -> dict:
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if (use_cuda and params.amp) else contextlib.nullcontext
     no_sync = lambda m: m.no_sync() if hasattr(m, "no_sync") else contextlib.nullcontext()  # noqa: E731
 
-    stream_kw = dict(rank=rank, world_size=world, seed=params.seed * 1009 + stage.index, xflip=params.xflip,
-                     start_batch=drawn)
-    if stage.info.get("labelled_fraction"):  # semi-supervised: labelled images in every batch
-        labelled = min(per_rank - 1, max(1, round(per_rank * stage.info["labelled_fraction"])))
-        stream = LabelledMixStream(config["shards"], stage.resolution, per_rank, labelled=labelled, **stream_kw)
-    elif stage.info.get("data") == "two-domain":  # unpaired translation: (A, B) batches, resize-then-crop
-        stream = DomainPairStream(config["shards"], stage.resolution, per_rank, load_size=stage.info.get("load_size"),
-                                  **stream_kw)
-    else:
-        stream_cls = TokenStream if stage.info.get("data") == "tokens" else TrainStream
-        stream = stream_cls(config["shards"], stage.resolution, per_rank, **stream_kw)
+    stream = make_stream(family.data_stream(stage), config["shards"], stage, per_rank, rank=rank, world_size=world,
+                         seed=params.seed * 1009 + stage.index, xflip=params.xflip, start_batch=drawn)
     batches = train_loader(stream, params.loader_workers)
 
     def next_batch() -> dict[str, torch.Tensor]:

@@ -223,9 +223,10 @@ def log_training(summary: dict, run_dir: str | Path, params: Params, parent_run_
             with mlflow.start_run(run_name=name, nested=True):
                 mlflow.set_tags({"stage": name, "resolution": rec["resolution"], "checkpoint": rec["checkpoint"],
                                  **{f"note.{k}": v for k, v in (rec.get("notes") or {}).items()}})
-                if rec.get("kind") == "tokens":
+                if rec.get("kind") == "prepare":  # its output's tag prefix: the folder's name (VQ-GAN: tokens)
+                    out = rec.get("output", "prepared")
                     mlflow.log_metrics(rec["last_metrics"])
-                    mlflow.set_tags({"tokens.shards": rec["shards"], "tokens.manifest_sha256": rec["manifest_sha256"]})
+                    mlflow.set_tags({f"{out}.shards": rec["shards"], f"{out}.manifest_sha256": rec["manifest_sha256"]})
                 mlflow.log_params({"stage_index": rec["index"], "resolution": rec["resolution"]})
                 for r in read_history(run_dir, name):
                     mlflow.log_metrics({k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "step"},

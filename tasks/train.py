@@ -35,7 +35,6 @@ from ganforge.tasks.storage import arrow_fs, is_remote
 log = logging.getLogger("ganforge.train")
 
 SUMMARY = "summary.json"
-TOKENS_DIR = "tokens"
 
 
 def identity(tp) -> dict:
@@ -119,11 +118,11 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
             raise CheckpointError(f"initial checkpoint {init} (the previous stage's) is damaged: {problem}; train the "
                                   f"previous stage again (`ganforge train` re-runs it)")
     check_before_ray(params, stage, shards, full_verify=verify)
-    if stage.kind == "tokens":
-        summary["stages"][stage.name] = tokens_stage(params, stage, shards, run_dir, init, on_progress)
+    if stage.kind == "prepare":
+        summary["stages"][stage.name] = prepare_stage(params, stage, shards, run_dir, init, on_progress)
     else:
-        if stage.info.get("data") == "tokens":
-            shards = _token_shards(run_dir, stage)
+        if stage.info.get("prepared"):
+            shards = _prepared_shards(run_dir, stage)
         resume = latest_checkpoint(storage, stage)
         finished = _finished_checkpoint(resume, stage)
         if finished is not None:  # stopped after the stage's last checkpoint, before summary.json was written
@@ -154,7 +153,7 @@ def check_before_ray(params: Params, stage: StageSpec, shards, *, full_verify: b
     tp = params.train
     if stage.kind == "train" and tp.batch_size % tp.workers:
         raise ParamsError(f"train.batch_size ({tp.batch_size}) must be divisible by train.workers ({tp.workers})")
-    if stage.info.get("data") != "tokens":
+    if not stage.info.get("prepared"):  # prepared data is checked by its stage and its stream
         manifest = verify_shards(shards, full=full_verify)
         try:
             get_family(tp).check_data(manifest, shards)
@@ -176,36 +175,42 @@ def _finished_checkpoint(ckpt: str | None, stage: StageSpec) -> dict | None:
             "resumed_from": ckpt}
 
 
-def _token_shards(run_dir: Path, stage: StageSpec) -> Path:
-    path = run_dir / TOKENS_DIR
+def prepared_dir(run_dir: Path, stage: StageSpec) -> Path:
+    """Where a preparation stage writes, and a later stage with ``info["prepared"]`` reads: RUN_DIR/<output>."""
+    return run_dir / (stage.info.get("output") or stage.info.get("prepared") or stage.name)
+
+
+def _prepared_shards(run_dir: Path, stage: StageSpec) -> Path:
+    path = prepared_dir(run_dir, stage)
     if not (path / "manifest.json").exists():
-        raise FileNotFoundError(f"stage {stage.name} trains on tokens, but {path} has none: run the tokens stage first")
+        raise FileNotFoundError(f"stage {stage.name} trains on {stage.info['prepared']}, but {path} has none: run the "
+                                f"stage that prepares them first")
     return path
 
 
-def tokens_stage(params: Params, stage: StageSpec, shards, run_dir: Path, init: str | None, on_progress=None) -> dict:
-    """Encode every shard with the previous stage's autoencoder (idempotent: same inputs, same tokens)."""
-    from ganforge.tasks.tokens import extract_tokens
+def prepare_stage(params: Params, stage: StageSpec, shards, run_dir: Path, init: str | None, on_progress=None) -> dict:
+    """Encode every shard with the previous stage's modules (idempotent: same inputs, same output)."""
+    from ganforge.tasks.prepare import prepare
 
     if not init:
-        raise ValueError(f"stage {stage.name} needs the autoencoder checkpoint of the stage before it")
+        raise ValueError(f"stage {stage.name} needs the checkpoint of the stage before it")
     workers = int(stage.info.get("workers", 1))
     if workers > 1:
         init_ray(params.runtime)
+    out = prepared_dir(run_dir, stage)
     t0 = time.perf_counter()
-    m = extract_tokens(init, shards, run_dir / TOKENS_DIR, workers=workers, progress=progress_enabled(),
-                       runtime=params.runtime)
+    m = prepare(init, stage.index, shards, out, workers=workers, progress=progress_enabled(), runtime=params.runtime)
     wall = time.perf_counter() - t0
     if on_progress is not None:
         on_progress(1.0)
-    log.info("stage %s: %d token grids in %.1fs", stage.name, m["count"], wall)
+    log.info("stage %s: %d samples (%s) in %.1fs", stage.name, m["count"], m.get("kind"), wall)
     return {
-        "done": True, "index": stage.index, "resolution": stage.resolution, "kind": "tokens",
-        "checkpoint": init,  # the next stage starts from the autoencoder that made the tokens
-        "shards": str((run_dir / TOKENS_DIR).resolve()), "manifest_sha256": manifest_hash(run_dir / TOKENS_DIR),
+        "done": True, "index": stage.index, "resolution": stage.resolution, "kind": "prepare",
+        "output": out.name, "checkpoint": init,  # the next stage starts from the modules that prepared the data
+        "shards": str(out.resolve()), "manifest_sha256": manifest_hash(out),
         "images_seen": m["count"], "wall_time_s": round(wall, 2), "images_per_s": round(m["count"] / max(wall, 1e-6), 1),
         "last_metrics": {f"{split}_{k}": v for split, e in m["splits"].items()
-                         for k, v in e.items() if k in ("codebook_usage", "perplexity")},
+                         for k, v in e.items() if isinstance(v, float)},
     }
 
 

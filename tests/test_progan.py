@@ -1,12 +1,11 @@
-"""ProGAN networks and the shared loop in-process (no Ray): fade-in, equalized LR, exact resume."""
+"""ProGAN networks and the shared loop in-process (no Ray): fade-in, equalized LR, the checkpoint's contents.
+Exact resume of every family is tests/test_family_contract.py's."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from conftest import stop_and_resume
 
 from ganforge.models.nn.equalized import EqualizedConv2d, EqualizedLinear, MinibatchStd
 from ganforge.models.families.progan import ProGAN, fade_reals
@@ -79,28 +78,6 @@ def test_minibatch_std_adds_a_feature():
     assert y.shape == (8, 6, 4, 4)
     same = torch.ones(8, 5, 4, 4)
     assert torch.allclose(MinibatchStd(4)(same)[:, -1], torch.full((8, 4, 4), 1e-4), atol=1e-5)
-
-
-def _weights(ckpt: str):
-    st = load_state(ckpt)
-    return st, {f"{k}.{n}": t for k, sd in st["modules"].items() for n, t in sd.items()}
-
-
-@pytest.mark.parametrize("loss", ["wgan-gp", "logistic-r1"])
-def test_resume_is_exact(digits_shards, tmp_path, loss):
-    p = tiny_params(progan=dict(fmap_max=16, fmap_base=64, latent_dim=16, transition_kimg=0.2, stabilize_kimg=0.2, loss=loss))
-    base = {"params": p.model_dump(mode="json"), "stage": 1, "shards": str(digits_shards), "run_dir": str(tmp_path)}
-    full, part, resumed = stop_and_resume(base, tmp_path, 3, 7)
-    st_full, w_full = _weights(full)
-    st_res, w_res = _weights(resumed)
-    assert st_full["step"] == st_res["step"] == 7 and st_res["attempt_start_images"] == 24
-    for k in w_full:
-        assert torch.allclose(w_full[k], w_res[k], rtol=0, atol=1e-6), k
-    for k in st_full["ema"]["G"]:
-        assert torch.allclose(st_full["ema"]["G"][k], st_res["ema"]["G"][k], atol=1e-6)
-    # and training did move the weights
-    st_part, w_part = _weights(part)
-    assert any(not torch.allclose(w_part[k], w_full[k]) for k in w_full)
 
 
 def test_checkpoint_is_complete(digits_shards, tmp_path):

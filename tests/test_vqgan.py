@@ -229,7 +229,7 @@ def test_vqgan_params_are_validated():
     assert "vit: 4x4 tokens of 8x8 patches" in vit.notes(vit.stages()[0])["tokenizer"]
     stages = VQGAN(TrainParams(family="vqgan", resolution=32)).stages()
     assert [(s.name, s.kind) for s in stages] == [
-        ("vqgan-1-autoencoder", "train"), ("vqgan-2-tokens", "tokens"), ("vqgan-3-prior", "train")]
+        ("vqgan-1-autoencoder", "train"), ("vqgan-2-tokens", "prepare"), ("vqgan-3-prior", "train")]
 
 
 def test_perceptual_loss_off_without_weights_is_said(tmp_path, caplog):
@@ -251,7 +251,7 @@ def test_perceptual_loss_off_without_weights_is_said(tmp_path, caplog):
 def test_vqgan_three_stages_on_two_ray_workers(digits_shards, tmp_path, local_ray):
     from ganforge.tasks.data import TokenStream
     from ganforge.tasks.evaluate import evaluate
-    from ganforge.tasks.tokens import extract_tokens
+    from ganforge.tasks.prepare import prepare
     from ganforge.tasks.checkpoint import load_generator
     from ganforge.tasks.train import train
 
@@ -287,7 +287,7 @@ def test_vqgan_three_stages_on_two_ray_workers(digits_shards, tmp_path, local_ra
     assert tok["splits"]["train"]["count"] + tok["splits"]["val"]["count"] == 1797
     assert 0 < tok["splits"]["train"]["codebook_usage"] <= 1
     ae_ckpt = st["vqgan-1-autoencoder"]["checkpoint"]
-    again = extract_tokens(ae_ckpt, digits_shards, tmp_path / "tokens1", workers=1, progress=False)
+    again = prepare(ae_ckpt, 1, digits_shards, tmp_path / "tokens1", workers=1, progress=False)
     assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == [s["sha256"] for s in tok["splits"]["train"]["shards"]]
     codes, labels = next(iter(TokenStream(run / "tokens", 16, 8)))
     assert codes.shape == (8, 4, 4) and codes.dtype == torch.int64 and labels.min() >= 0
@@ -319,12 +319,12 @@ def test_vqgan_three_stages_on_two_ray_workers(digits_shards, tmp_path, local_ra
 
 
 def test_token_stage_refuses_bad_input(digits_shards, tmp_path):
-    from ganforge.tasks.tokens import extract_tokens
+    from ganforge.tasks.prepare import prepare
 
     with pytest.raises(FileNotFoundError, match="state.pt"):
-        extract_tokens(tmp_path / "nope", digits_shards, tmp_path / "t", workers=1, progress=False)
+        prepare(tmp_path / "nope", 1, digits_shards, tmp_path / "t", workers=1, progress=False)
     with pytest.raises(FileNotFoundError, match="manifest"):
-        extract_tokens(tmp_path / "nope", tmp_path, tmp_path / "t", workers=1, progress=False)
+        prepare(tmp_path / "nope", 1, tmp_path, tmp_path / "t", workers=1, progress=False)
     assert not (tmp_path / "t").exists()
     assert Path(digits_shards, "manifest.json").exists()
 
@@ -336,7 +336,7 @@ def test_prior_stage_keeps_the_autoencoder_that_made_its_tokens(tiny, digits_sha
     tokens stage is the same for both tokenizers: it only calls encode_codes."""
     from ganforge.tasks.checkpoint import load_state
     from ganforge.tasks.loop import LocalSession, run_stage
-    from ganforge.tasks.tokens import extract_tokens
+    from ganforge.tasks.prepare import prepare
 
     tp = TrainParams(family="vqgan", resolution=16, batch_size=8, checkpoint_kimg=1.0, grid_size=2,
                      ema_half_life_kimg=0.01, vqgan={**tiny, "ema": True, "autoencoder_kimg": 0.04, "prior_kimg": 0.04})
@@ -346,7 +346,7 @@ def test_prior_stage_keeps_the_autoencoder_that_made_its_tokens(tiny, digits_sha
     ae_state = load_state(ae.checkpoints[-1])
     last = "decoder.conv_out.weight" if tiny is TINY else "decoder.to_pixels.weight"
     assert not torch.equal(ae_state["ema"]["VQ"][last], ae_state["modules"]["VQ"][last])
-    tok = extract_tokens(ae.checkpoints[-1], digits_shards, tmp_path / "tokens", workers=1, progress=False)
+    tok = prepare(ae.checkpoints[-1], 1, digits_shards, tmp_path / "tokens", workers=1, progress=False)
     assert tok["grid"] == [4, 4] and tok["codebook_size"] == 32
     prior = LocalSession(tmp_path / "prior", device="cpu")
     run_stage({**cfg, "stage": 2, "shards": str(tmp_path / "tokens"), "init": ae.checkpoints[-1]}, prior)

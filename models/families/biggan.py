@@ -151,6 +151,7 @@ class Discriminator(nn.Module):
 
 class SAGAN(SingleStageFamily):
     name = "sagan"
+    contract_overrides = {"ch": 4, "latent_dim": 8, "attention": 8}
     Params = SAGANParams
     adaptive_augment = True
     hierarchical = False
@@ -184,6 +185,10 @@ class SAGAN(SingleStageFamily):
 
     def g_regularizer(self, G: nn.Module) -> torch.Tensor | None:
         return None
+
+    def discriminate(self, modules, stage, real, fake, labels=None):
+        """D on real and fake images in two passes (a spectrally normalized D without batch statistics)."""
+        return modules["D"](real, labels), modules["D"](fake, labels)
 
     def train_step(self, modules, opts, batch, stage, ctx: StepContext) -> dict[str, float]:
         G, D = modules["G"], modules["D"]
@@ -230,6 +235,8 @@ class SAGAN(SingleStageFamily):
 
 class BigGAN(SAGAN):
     name = "biggan"
+    contract_overrides = {"ch": 4, "latent_dim": 8, "attention": 8,
+                          "shared_dim": 8, "ema_start_kimg": 0.0}
     Params = BigGANParams
     hierarchical = True
     supports_truncation = True

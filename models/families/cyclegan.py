@@ -115,6 +115,8 @@ def lr_factor(step: int, total_steps: int, decay_start: float) -> float:
 
 class CycleGAN(SingleStageFamily):
     name = "cyclegan"
+    contract_overrides = {"ngf": 4, "ndf": 4, "n_blocks": 1,
+                          "d_layers": 1}
     Params = CycleGANParams
     product = "translator"
     domains = ("A", "B")
@@ -207,6 +209,11 @@ class CycleGAN(SingleStageFamily):
             pool.load(state.get(f"pool_{d}"))
 
     # --- one step
+    def discriminate(self, modules, stage, real, fake, labels=None):
+        """D_B on real B images and translated ones, in two passes as the reference does (instance norm is per
+        image, so the passes leak nothing)."""
+        return modules["D_B"](real), modules["D_B"](fake)
+
     def train_step(self, modules, opts, batch, stage, ctx: StepContext) -> dict[str, float]:
         p = self.p
         G_AB, G_BA, D_A, D_B = (modules[k] for k in ("G_AB", "G_BA", "D_A", "D_B"))

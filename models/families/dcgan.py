@@ -28,7 +28,7 @@ from torch import nn
 
 from ganforge.models import losses, regularizers
 from ganforge.models.augment import ADAPTIVE_AUGMENTATIONS
-from ganforge.models.family import Betas, Section, SingleStageFamily, StageSpec, StepContext
+from ganforge.models.family import Betas, Section, SingleStageFamily, StageSpec, StepContext, score_together
 from ganforge.models.nn.equalized import MinibatchStd
 
 LOSSES = ("minimax", "non-saturating", "wasserstein", "wasserstein-gp", "least-squares", "hinge")
@@ -170,6 +170,7 @@ def feature_matching_loss(real_feats: torch.Tensor, fake_feats: torch.Tensor) ->
 
 class DCGAN(SingleStageFamily):
     name = "dcgan"
+    contract_overrides = {"width": 4, "latent_dim": 8}
     Params = DCGANParams
     ema_modules = ("G",)
     adaptive_augment = True
@@ -247,9 +248,8 @@ class DCGAN(SingleStageFamily):
                 fake = G(z, y)  # conditional: fakes of the real batch's classes
             fake = fake.float()
             real_in, fake_in = self.d_input(real, ctx), self.d_input(fake, ctx)  # train.augment (DiffAugment)
-            with ctx.autocast():
-                d_real = D(noisy(real_in), y).float()
-                d_fake = D(noisy(fake_in), y).float()
+            with ctx.autocast():  # one pass: a BatchNorm D must not see which batch an image came from
+                d_real, d_fake = (o.float() for o in score_together(D, noisy(real_in), noisy(fake_in), y, y))
             d_loss = losses.d_loss(adv, d_real, d_fake, target)
             self.d_feedback(d_real - 0.5 if p.loss == "least-squares" else d_real)  # ADA / Diffusion-GAN
             if p.loss == "wasserstein-gp":
@@ -287,6 +287,9 @@ class DCGAN(SingleStageFamily):
         if sigma:
             metrics["instance_noise"] = sigma
         return metrics
+
+    def discriminate(self, modules, stage, real, fake, labels=None):
+        return score_together(modules["D"], real, fake, labels, labels)
 
     @torch.no_grad()
     def generate(self, ema, z, stage, labels=None, truncation=None, images_in_stage=None) -> torch.Tensor:

@@ -150,6 +150,8 @@ def fade_reals(real: torch.Tensor, alpha: float) -> torch.Tensor:
 
 class ProGAN(GANFamily):
     name = "progan"
+    contract_overrides = {"fmap_base": 32, "fmap_max": 8, "fmap_min": 4,
+                          "latent_dim": 8}
     Params = ProGANParams
     ema_modules = ("G",)
     stage_prefix = "progan"  # stages are <prefix>-r<resolution> (StyleGAN v1 reuses this plan as stylegan-r...)
@@ -205,6 +207,10 @@ class ProGAN(GANFamily):
             name: torch.optim.Adam(modules[name].parameters(), lr=self.p.lr, betas=self.p.betas, eps=1e-8)
             for name in ("G", "D")
         }
+
+    def discriminate(self, modules, stage, real, fake, labels=None):
+        """D on real and fake images in two passes, as NVlabs' run_D does (its minibatch-std groups see one pass)."""
+        return modules["D"](real, 1.0), modules["D"](fake, 1.0)
 
     def train_step(self, modules, opts, batch, stage, ctx: StepContext) -> dict[str, float]:
         G, D = modules["G"], modules["D"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ganforge.models import losses
 from ganforge.models.families.dcgan import Discriminator, Generator, feature_matching_loss
-from ganforge.models.family import Betas, Section, SingleStageFamily, StageSpec, StepContext
+from ganforge.models.family import Betas, Section, SingleStageFamily, StageSpec, StepContext, score_together
 
 LABELLED_SPLIT = "labelled"
 
@@ -51,6 +51,7 @@ class SGANParams(Section):
 
 class SGAN(SingleStageFamily):
     name = "sgan"
+    contract_overrides = {"width": 4, "latent_dim": 8}
     Params = SGANParams
     product = "classifier"
     gate = ("accuracy", "higher")
@@ -82,7 +83,7 @@ class SGAN(SingleStageFamily):
                              f"{len(classes)}: set train.{self.name}.num_classes: {len(classes)}")
 
     def stage_info(self) -> dict:
-        return {"labelled_fraction": self.p.labelled_fraction}
+        return {"data": "labelled", "labelled_fraction": self.p.labelled_fraction}
 
     def _d(self, resolution: int) -> Discriminator:
         p = self.p
@@ -111,6 +112,10 @@ class SGAN(SingleStageFamily):
         """log p(real) - log p(fake) of (K+1)-way logits (the last one is "fake")."""
         return torch.logsumexp(logits[:, :-1], dim=1) - logits[:, -1]
 
+    def discriminate(self, modules, stage, real, fake, labels=None):
+        l_real, l_fake = score_together(modules["D"], real, fake)
+        return self.real_logit(l_real), self.real_logit(l_fake)
+
     def train_step(self, modules, opts, batch, stage, ctx: StepContext) -> dict[str, float]:
         G, D = modules["G"], modules["D"]
         p, dev, gen = self.p, ctx.device, ctx.generator
@@ -125,9 +130,8 @@ class SGAN(SingleStageFamily):
 
         # --- D: supervised CE over the K classes on labelled images + the GAN loss on every real image and fakes
         x_in = self.d_input(x, ctx)  # train.augment (DiffAugment); the baseline sees the same images
-        with ctx.autocast():
-            l_real = D(x_in).float()
-            l_fake = D(self.d_input(fake, ctx)).float()
+        with ctx.autocast():  # one pass: a BatchNorm D must not see which batch an image came from
+            l_real, l_fake = (o.float() for o in score_together(D, x_in, self.d_input(fake, ctx)))
         sup = F.cross_entropy(l_real[lab, :-1], y[lab])
         unsup = losses.d_loss("minimax", self.real_logit(l_real), self.real_logit(l_fake))
         d_loss = sup + p.unsupervised_weight * unsup

@@ -298,6 +298,8 @@ class StyleGANGenerator(StyleGenerator):
 
 class StyleGAN(StyleControls, ProGAN):
     name = "stylegan"
+    contract_overrides = {"fmap_base": 32, "fmap_max": 8, "fmap_min": 4, "latent_dim": 8, "w_dim": 8,
+                          "mapping_layers": 2}
     Params = StyleGANParams
     stage_prefix = "stylegan"
 
@@ -321,6 +323,10 @@ class StyleGAN(StyleControls, ProGAN):
     def synthesize(self, G, ws, stage, images_in_stage=None):
         alpha = 1.0 if images_in_stage is None else self.alpha(stage, images_in_stage)
         return G(ws=ws, noise="const", alpha=alpha)
+
+    def discriminate(self, modules, stage, real, fake, labels=None):
+        """D on real and fake images in two passes, as NVlabs' run_D does (its minibatch-std groups see one pass)."""
+        return modules["D"](real, 1.0), modules["D"](fake, 1.0)
 
     def train_step(self, modules, opts, batch, stage, ctx: StepContext) -> dict[str, float]:
         G, D = modules["G"], modules["D"]

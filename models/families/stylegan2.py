@@ -181,6 +181,9 @@ class Discriminator(nn.Module):
 
 class StyleGAN2(StyleControls, SingleStageFamily):
     name = "stylegan2"
+    # lazy R1 and path-length phases both fall inside the contract's steps (and its resume)
+    contract_overrides = {"channel_base": 32, "channel_max": 8, "latent_dim": 8, "w_dim": 8, "mapping_layers": 2,
+                          "r1_interval": 2, "pl_interval": 3}
     Params = StyleGAN2Params
     adaptive_augment = True
 
@@ -261,6 +264,10 @@ class StyleGAN2(StyleControls, SingleStageFamily):
 
     def synthesize(self, G, ws, stage, images_in_stage=None):
         return G(ws=ws, noise="const")
+
+    def discriminate(self, modules, stage, real, fake, labels=None):
+        """D on real and fake images in two passes, as NVlabs' run_D does (its minibatch-std groups see one pass)."""
+        return modules["D"](real, labels), modules["D"](fake, labels)
 
     def train_step(self, modules, opts, batch, stage, ctx: StepContext) -> dict[str, float]:
         G, D = modules["G"], modules["D"]

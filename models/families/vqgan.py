@@ -6,9 +6,9 @@ Three stages of different kinds, behind the same family interface:
    decoder, trained with L1 (+ LPIPS when its weights are configured) + the
    codebook/commitment terms + a PatchGAN hinge loss switched on after
    ``disc_start`` steps and weighted adaptively at the decoder's last layer.
-2. ``vqgan-2-tokens`` (data): every shard encoded into code-index grids
-   (tasks/tokens.py); no training.
-3. ``vqgan-3-prior`` (train): a GPT over the flattened code grid (models/prior.py),
+2. ``vqgan-2-tokens`` (prepare): every shard encoded into code-index grids by the shared preparation stage
+   (tasks/prepare.py, with :meth:`VQGAN.prepare_encode`); no training.
+3. ``vqgan-3-prior`` (train): a GPT over the flattened code grid (models/nn/gpt.py),
    trained on the token shards; the frozen autoencoder rides along in the
    checkpoint so the stage samples images by itself (prior -> decoder).
 
@@ -26,8 +26,11 @@ decoder. The tokens and prior stages see only ``encode_codes`` / ``decode_codes`
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +41,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ganforge.models import losses
-from ganforge.models.family import Betas, GANFamily, Section, StageSpec, StepContext
+from ganforge.models.family import Betas, GANFamily, Section, StageSpec, StepContext, score_together
 from ganforge.models.nn.lpips import LPIPS, load_lpips
 from ganforge.models.nn.patchgan import PatchDiscriminator
 
@@ -344,6 +347,14 @@ class ViTVQModel(VQModel):
 
 class VQGAN(GANFamily):
     name = "vqgan"
+    contract_overrides = {"ch": 4, "ch_mult": [1, 2], "z_channels": 4,
+                          "embed_dim": 4, "n_embed": 16, "disc_start": 0,
+                          "disc_ch": 4, "disc_layers": 1, "n_layer": 1,
+                          "n_head": 2, "n_embd": 16, "warmup_steps": 1,
+                          "token_workers": 1}
+    # the PatchGAN's biases: before a BatchNorm they cancel out, and the last one's hinge gradient is zero while
+    # every logit is inside the margin (as many real as fake patches)
+    contract_untouched = ("D.main.*.bias",)
     Params = VQGANParams
     supports_truncation = True  # nucleus (top-p) sampling of the prior: psi is the kept probability mass
 
@@ -382,8 +393,9 @@ class VQGAN(GANFamily):
         r = self.params.resolution
         return [
             StageSpec(AUTOENCODER, 0, r, self.p.autoencoder_kimg, kind="train"),
-            StageSpec(TOKENS, 1, r, 0.0, kind="tokens", info={"workers": self.p.token_workers}),
-            StageSpec(PRIOR, 2, r, self.p.prior_kimg, kind="train", info={"data": "tokens", "grid": self.grid_hw}),
+            StageSpec(TOKENS, 1, r, 0.0, kind="prepare", info={"workers": self.p.token_workers, "output": "tokens"}),
+            StageSpec(PRIOR, 2, r, self.p.prior_kimg, kind="train",
+                      info={"data": "tokens", "prepared": "tokens", "grid": self.grid_hw}),
         ]
 
     def plot_key(self, stage: StageSpec) -> str:
@@ -495,7 +507,9 @@ class VQGAN(GANFamily):
         opts["VQ"].step()
         if gan_on:
             with ctx.autocast():
-                d_real, d_fake = D(self.d_input(real, ctx)).float(), D(self.d_input(rec.detach(), ctx)).float()
+                # one pass: the BatchNorm PatchGAN must not see which batch an image came from
+                d_real, d_fake = (o.float() for o in score_together(D, self.d_input(real, ctx),
+                                                                    self.d_input(rec.detach(), ctx)))
             d_loss = 0.5 * losses.d_loss("hinge", d_real, d_fake)  # taming's 0.5 factor
             opts["D"].zero_grad(set_to_none=True)
             d_loss.backward()
@@ -609,6 +623,38 @@ class VQGAN(GANFamily):
         st = codebook_stats(torch.cat(codes), ema["VQ"].quantize.n_embed)
         return {"codebook_usage": st["codebook_usage"], "codebook_perplexity": st["perplexity"],
                 "codebook_size": float(ema["VQ"].quantize.n_embed)}
+
+    def discriminate(self, modules, stage, real, fake, labels=None):
+        """The autoencoder stage's PatchGAN on inputs and reconstructions (the other stages have no D)."""
+        if "D" not in modules:
+            return None
+        return score_together(modules["D"], real, fake)
+
+    # --- the tokens stage (a preparation stage: tasks/prepare.py reads, writes and caches the shards)
+    def prepare_encode(self, ema, stage, images):
+        """Each image -> its int16 code grid as ``<key>.npy``; counts: the code histogram."""
+        vq = ema["VQ"]
+        codes = vq.encode_codes(images).numpy().astype(np.int16)
+        fields = []
+        for c in codes:
+            buf = io.BytesIO()
+            np.save(buf, c, allow_pickle=False)
+            fields.append({"npy": buf.getvalue()})
+        hist = np.bincount(codes.reshape(-1).astype(np.int64), minlength=vq.quantize.n_embed)
+        return fields, {"codes": hist}
+
+    def prepare_manifest(self, stage, ema, counts):
+        """kind "tokens" (what TokenStream reads), the grid and codebook size; per split the codebook's use."""
+        n_embed = ema["VQ"].quantize.n_embed
+        per_split = {}
+        for split, c in counts.items():
+            hist = c.get("codes", np.zeros(n_embed, np.int64))
+            p = hist / max(1, hist.sum())
+            nz = p[p > 0]
+            per_split[split] = {"codebook_usage": float((hist > 0).mean()),
+                                "perplexity": float(np.exp(-(nz * np.log(nz)).sum())), "codes_used": int((hist > 0).sum())}
+        return ({"kind": "tokens", "grid": [self.grid_hw, self.grid_hw], "codebook_size": int(n_embed),
+                 "dtype": "int16"}, per_split)
 
     def grid(self, ema, stage, seeds, real_fn, images_in_stage=None) -> torch.Tensor:
         if stage.name == PRIOR:

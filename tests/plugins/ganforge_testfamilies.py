@@ -4,6 +4,7 @@ PYTHONPATH, as installing a package would; Ray workers, CLI subprocesses and `dv
 
 - ``toyvae``: a small VAE trained by its ELBO, in two chained stages: a family without a discriminator,
   with family state (a KL warm-up counter) that must survive resume exactly.
+- ``brokenresume``: the toy VAE with its family state left out of checkpoints: the contract test must fail it.
 - ``toyinvert``: an image-to-image family (CycleGAN's shape) whose registered model translates images.
 - ``progan_faulty`` / ``vqgan_faulty`` / ``stylegan2_faulty`` / ``cyclegan_faulty``: ProGAN / VQ-GAN / StyleGAN2 / CycleGAN that kill their own worker once, at a configured
   stage, step and rank (a marker file makes it happen once): how the tests inject failures from outside
@@ -134,6 +135,16 @@ class ToyVAE(GANFamily):
     @torch.no_grad()
     def generate(self, ema, z, stage, labels=None, truncation=None, images_in_stage=None) -> torch.Tensor:
         return ema["Dec"](z).float().clamp(-1, 1)
+
+
+class BrokenResume(ToyVAE):
+    """The toy VAE with a deliberate bug: its step counter (which drives the KL warm-up) is not checkpointed, so a
+    resumed run restarts the warm-up. tests/test_family_contract.py shows the contract catches it."""
+
+    name = "brokenresume"
+
+    def state_dict(self) -> dict:
+        return {}
 
 
 # ----------------------------------------------------------------------------- a translator
