@@ -42,6 +42,11 @@ LEAK_RES = 16  # the batch-leak check builds D at this size (no data needed)
 STOP, TOTAL = 2, 4  # exact resume: TOTAL steps == STOP steps, then resumed to TOTAL
 BROKEN = {"brokenresume"}  # a test-only family that must fail the resume check (see the last test)
 FAMILIES = sorted(set(family_classes()) - BROKEN)
+# every family at its contract size, and each of its named variants (DCGAN's losses, CGAN, ViT-VQGAN, ...)
+# (a subclass under another name, such as the tests' fault-injecting wrappers, runs its parent's variants only if it
+# declares them itself)
+CASES = [(n, None) for n in FAMILIES] + [(n, v) for n in FAMILIES
+                                          for v in vars(family_classes()[n]).get("contract_variants", {})]
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +66,13 @@ def photos8(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_params(name: str, **extra):
+def tiny_params(name: str, variant: str | None = None, **extra):
     cls = family_classes()[name]
+    section = {**cls.contract_overrides, **(cls.contract_variants[variant] if variant else {})}
     over = {"train.family": name, "train.resolution": RES, "train.batch_size": BATCH, "train.grid_size": 2,
             "train.checkpoint_kimg": 1000.0, "train.log_every": 1000, "train.ema_half_life_kimg": 0.01,
             "train.seed": 7, **extra}
-    for k, v in cls.contract_overrides.items():
+    for k, v in section.items():
         over[k if k.startswith("train.") else f"train.{name}.{k}"] = v
     return load_params(None, over)
 
@@ -100,13 +106,13 @@ def resume_problems(full: dict, resumed: dict) -> list[str]:
     return bad
 
 
-def run_contract_stages(name: str, shards: Path, tmp: Path):
+def run_contract_stages(name: str, shards: Path, tmp: Path, variant: str | None = None):
     """Every stage of the family in order; per training stage: full, stopped and resumed runs. Yields
     (stage, params, config, full checkpoint, stopped checkpoint, resumed checkpoint)."""
     from ganforge.tasks.prepare import prepare
 
     torch.set_num_threads(1)
-    params = tiny_params(name)
+    params = tiny_params(name, variant)
     family = get_family(params.train)
     init, data = None, shards
     for st in family.stages():
@@ -130,13 +136,13 @@ def data_for(name: str, shards8: Path, photos8: Path) -> Path:
     return photos8 if family_classes()[name].domains else shards8
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_family_contract(name, shards8, photos8, tmp_path):
+@pytest.mark.parametrize("name,variant", CASES, ids=[n if v is None else f"{n}-{v}" for n, v in CASES])
+def test_family_contract(name, variant, shards8, photos8, tmp_path):
     cls = family_classes()[name]
     assert cls.product in PRODUCTS, f"{name}: product {cls.product!r} is not one of {PRODUCTS}"
     ran = 0
     for st, params, cfg, full_ckpt, part_ckpt, resumed_ckpt in run_contract_stages(
-            name, data_for(name, shards8, photos8), tmp_path):
+            name, data_for(name, shards8, photos8), tmp_path, variant):
         ran += 1
         full, part, resumed = load_state(full_ckpt), load_state(part_ckpt), load_state(resumed_ckpt)
         assert full["step"] == TOTAL and part["step"] == STOP, f"{st.name}: steps {part['step']} / {full['step']}"
@@ -174,7 +180,7 @@ def test_family_contract(name, shards8, photos8, tmp_path):
     assert ran, f"{name} has no training stage"
     # the discriminator scores each image on its own merits, not by its pass: at 16px, where every D has the
     # layers its normalization sits in (at 8px DCGAN's D has no BatchNorm layer at all)
-    leak = get_family(tiny_params(name, **{"train.resolution": LEAK_RES}).train)
+    leak = get_family(tiny_params(name, variant, **{"train.resolution": LEAK_RES}).train)
     for st in leak.stages():
         if st.kind == "train":
             check_no_batch_leak(leak, st)

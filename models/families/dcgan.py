@@ -171,6 +171,12 @@ def feature_matching_loss(real_feats: torch.Tensor, fake_feats: torch.Tensor) ->
 class DCGAN(SingleStageFamily):
     name = "dcgan"
     contract_overrides = {"width": 4, "latent_dim": 8}
+    contract_variants = {"wgan": {"loss": "wasserstein"}, "wgan-gp": {"loss": "wasserstein-gp"},
+                         "lsgan": {"loss": "least-squares"}, "hinge": {"loss": "hinge"},
+                         "cgan": {"conditional": True}}
+    # the critic's output bias cancels out of the Wasserstein loss (mean real - mean fake) and out of the hinge
+    # loss while every logit is inside the margin: it gets no gradient, as it should
+    contract_untouched = ("D.head.bias",)
     Params = DCGANParams
     ema_modules = ("G",)
     adaptive_augment = True

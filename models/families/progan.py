@@ -152,6 +152,7 @@ class ProGAN(GANFamily):
     name = "progan"
     contract_overrides = {"fmap_base": 32, "fmap_max": 8, "fmap_min": 4,
                           "latent_dim": 8}
+    contract_variants = {"logistic-r1": {"loss": "logistic-r1"}}
     Params = ProGANParams
     ema_modules = ("G",)
     stage_prefix = "progan"  # stages are <prefix>-r<resolution> (StyleGAN v1 reuses this plan as stylegan-r...)

@@ -184,6 +184,7 @@ class StyleGAN2(StyleControls, SingleStageFamily):
     # lazy R1 and path-length phases both fall inside the contract's steps (and its resume)
     contract_overrides = {"channel_base": 32, "channel_max": 8, "latent_dim": 8, "w_dim": 8, "mapping_layers": 2,
                           "r1_interval": 2, "pl_interval": 3}
+    contract_variants = {"conditional": {"conditional": True}}
     Params = StyleGAN2Params
     adaptive_augment = True
 

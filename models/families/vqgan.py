@@ -355,6 +355,8 @@ class VQGAN(GANFamily):
     # the PatchGAN's biases: before a BatchNorm they cancel out, and the last one's hinge gradient is zero while
     # every logit is inside the margin (as many real as fake patches)
     contract_untouched = ("D.main.*.bias",)
+    contract_variants = {"vit": {"tokenizer": "vit", "patch_size": 4, "vit_dim": 8, "vit_depth": 1, "vit_heads": 2,
+                                 "lookup_dim": 4}}
     Params = VQGANParams
     supports_truncation = True  # nucleus (top-p) sampling of the prior: psi is the kept probability mass
 

@@ -12,6 +12,9 @@ class ContractHints:
     # params for a tiny model at 8px, the contract's size: keys of this family's section ({"width": 8}), or
     # dotted keys from the top ("train.batch_size"); a subclass under another name inherits them
     contract_overrides: ClassVar[dict[str, Any]] = {}
+    # named variants the contract also runs (overrides on top of contract_overrides): the textbook GANs are
+    # DCGAN's losses, CGAN its conditional setting, ViT-VQGAN VQ-GAN's second tokenizer
+    contract_variants: ClassVar[dict[str, dict[str, Any]]] = {}
     # glob patterns ("D.embed.*") of trainable parameters that a few contract steps need not move: e.g.
     # embeddings of classes absent from the batches, or layers that only fade in later in a stage
     contract_untouched: ClassVar[tuple[str, ...]] = ()
