@@ -117,7 +117,8 @@ class DiffusionParams(_Section):
     beta_start: float = Field(1e-4, gt=0, lt=1, description="linear beta schedule over T steps: first beta")
     beta_end: float = Field(2e-2, gt=0, lt=1, description="last beta")
     t_min: int = Field(5, ge=1, description="smallest T")
-    t_max: int = Field(500, ge=1, description="largest T")
+    t_max: int = Field(1000, ge=1, description="largest T (1000 with beta_end 0.02 and sigma 0.05, as the reference's "
+                                               "diffusion-stylegan2: at T the image is hidden, SNR 0.13)")
     t_init: int | None = Field(None, ge=1, description="T at the start; null: t_min")
     sigma: float = Field(0.05, gt=0, description="noise scale sigma of the forward process")
     t_dist: Literal["priority", "uniform"] = Field(

@@ -253,7 +253,7 @@ class TrainStream(IterableDataset):
 
 
 class TokenStream(TrainStream):
-    """Endless batches ``(codes[B,h,w] int64, labels[B])`` of a token shard set (tasks/tokens.py)."""
+    """Endless batches ``(codes[B,h,w] int64, labels[B])`` of a token shard set (VQ-GAN's prepare stage, tasks/prepare.py)."""
 
     flippable = False  # flipping a code grid is not flipping the image
     fields = ("tokens", "label")

@@ -15,6 +15,9 @@ class ContractHints:
     # named variants the contract also runs (overrides on top of contract_overrides): the textbook GANs are
     # DCGAN's losses, CGAN its conditional setting, ViT-VQGAN VQ-GAN's second tokenizer
     contract_variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    # non-empty: why this family's D legitimately sees which pass an image is in when train.augment is not set (the
+    # reference does so); the contract then checks the batch leak only on its variants that set train.augment
+    contract_batch_coupled: ClassVar[str] = ""
     # glob patterns ("D.embed.*") of trainable parameters that a few contract steps need not move: e.g.
     # embeddings of classes absent from the batches, or layers that only fade in later in a stage
     contract_untouched: ClassVar[tuple[str, ...]] = ()
