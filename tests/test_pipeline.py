@@ -198,7 +198,7 @@ def test_flow_runs_a_single_stage_gan(harness, tmp_path):
     rec = summary["stages"]["stylegan2-r0008"]
     assert rec["images_seen"] == section["kimg"] * 1000
     m = rec["last_metrics"]  # T was adjusted from the workers' r_d at every D step, logged, and checkpointed
-    assert 5 <= m["diffusion_T"] <= 500 and -1 <= m["diffusion_rd"] <= 1
+    assert 5 <= m["diffusion_T"] <= 1000 and -1 <= m["diffusion_rd"] <= 1  # within [t_min, t_max]
     fam = get_family(p.train)
     fam.restore_state(load_state(rec["checkpoint"])["family_state"])
     assert fam.augmenter.metrics()["diffusion_T"] == m["diffusion_T"]
