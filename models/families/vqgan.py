@@ -41,7 +41,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ganforge.models import losses
-from ganforge.models.family import Betas, GANFamily, Section, StageSpec, StepContext, score_together
+from ganforge.models.family import Betas, GANFamily, Section, StageSpec, StepContext
 from ganforge.models.nn.lpips import LPIPS, load_lpips
 from ganforge.models.nn.patchgan import PatchDiscriminator
 
@@ -355,6 +355,8 @@ class VQGAN(GANFamily):
     # the PatchGAN's biases: before a BatchNorm they cancel out, and the last one's hinge gradient is zero while
     # every logit is inside the margin (as many real as fake patches)
     contract_untouched = ("D.main.*.bias",)
+    contract_batch_coupled = ("taming-transformers' BatchNorm PatchGAN over separate batches of inputs and "
+                              "reconstructions (no adaptive augmentation reads its scores)")
     contract_variants = {"vit": {"tokenizer": "vit", "patch_size": 4, "vit_dim": 8, "vit_depth": 1, "vit_heads": 2,
                                  "lookup_dim": 4}}
     Params = VQGANParams
@@ -509,9 +511,8 @@ class VQGAN(GANFamily):
         opts["VQ"].step()
         if gan_on:
             with ctx.autocast():
-                # one pass: the BatchNorm PatchGAN must not see which batch an image came from
-                d_real, d_fake = (o.float() for o in score_together(D, self.d_input(real, ctx),
-                                                                    self.d_input(rec.detach(), ctx)))
+                d_real, d_fake = (o.float() for o in self.discriminate(modules, None, self.d_input(real, ctx),
+                                                                       self.d_input(rec.detach(), ctx)))
             d_loss = 0.5 * losses.d_loss("hinge", d_real, d_fake)  # taming's 0.5 factor
             opts["D"].zero_grad(set_to_none=True)
             d_loss.backward()
@@ -627,10 +628,11 @@ class VQGAN(GANFamily):
                 "codebook_size": float(ema["VQ"].quantize.n_embed)}
 
     def discriminate(self, modules, stage, real, fake, labels=None):
-        """The autoencoder stage's PatchGAN on inputs and reconstructions (the other stages have no D)."""
+        """The autoencoder stage's PatchGAN on inputs and reconstructions, in two passes as taming-transformers
+        does (the other stages have no D)."""
         if "D" not in modules:
             return None
-        return score_together(modules["D"], real, fake)
+        return modules["D"](real), modules["D"](fake)
 
     # --- the tokens stage (a preparation stage: tasks/prepare.py reads, writes and caches the shards)
     def prepare_encode(self, ema, stage, images):
