@@ -37,6 +37,7 @@ def stages_hash(params: Params) -> str:
 
 def build(params: Params, pipelines: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """``pipelines``: name -> (family, run folder). Returns the vars document."""
+    from ganforge.tasks.train import prepared_dir  # brings Ray Train: only when a stage list is written
     shards = params.data.shards
     doc: dict[str, Any] = {"pipelines": {}, "train": {}, "prepare": {}}
     for name, (family, out) in pipelines.items():
@@ -50,7 +51,7 @@ def build(params: Params, pipelines: dict[str, tuple[str, str]]) -> dict[str, An
             entry = {"run": run, "stage": st.name, "init": f"--init {init}" if init else "",
                      "after": init or STAGES_FILE, "pipeline": name}
             if st.kind == "prepare":  # e.g. VQ-GAN's tokens
-                prepared = f"{out}/{st.info.get('output') or st.name}"
+                prepared = str(prepared_dir(Path(out), st))
                 doc["prepare"][key] = {**entry, "data": data, "out": prepared}
                 data = prepared  # later stages read the prepared shards; init stays the stage before
                 continue

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ganforge.tasks.checkpoint import STATE, checkpoint_dir, load_generator, load_state
+from ganforge.tasks.checkpoint import STATE, build_generator, checkpoint_dir, load_generator, load_state
 from ganforge.tasks.io import sha256_file, staged_dir
 from ganforge.tasks.params import RuntimeParams, TrainParams
 from ganforge.tasks.runtime import init_ray
@@ -139,7 +139,7 @@ def prepare(checkpoint: str | Path, stage_index: int, shards: str | Path, out: s
             c = counts.setdefault(split, {})
             for k, v in r["counts"].items():
                 c[k] = c[k] + v if k in c else v
-        _, _, ema, _ = load_generator(checkpoint)
+        _, _, ema = build_generator(state["params"], state["stage"], state["ema"], state.get("family_state"))
         fields, per_split = family.prepare_manifest(stage, ema, counts)
         for split, e in splits.items():
             e.update(per_split.get(split, {}))
