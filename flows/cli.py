@@ -272,7 +272,9 @@ def _translate_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_pipeline(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.flows.pipeline import train_pipeline
+    from ganforge.flows.services import ensure_prefect_api
 
+    ensure_prefect_api()
     r = train_pipeline(params=params)
     w = max([13, *map(len, r["scores"])])  # a translator's scores are per direction: fid_AtoB, ...
     scores = "\n".join(f"  {k:{w}}: {v:.5g}" for k, v in r["scores"].items())
@@ -293,8 +295,10 @@ def cmd_sweep(args: argparse.Namespace, params: Params) -> dict:
 
     space = parse_space(args.space, args.grid, args.choice, args.loguniform, args.uniform)
     check_sweep(params, space, args.num_samples, args.stages)  # refusals before Prefect and Ray start
+    from ganforge.flows.services import ensure_prefect_api
     from ganforge.flows.sweep import sweep_flow
 
+    ensure_prefect_api()
     r = sweep_flow(space=space, out=args.out, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                    stages=args.stages, grace_kimg=args.grace_kimg, reduction_factor=args.reduction_factor,
                    register=args.register, params=params)

@@ -9,6 +9,7 @@ Prefect flow does not retry the ones that would only recur.
 | 4 | a missing or damaged input: shards, manifest, checkpoint, evaluation file (``InputError``) |
 | 5 | an unknown registered model, version or alias (``RegistryError``) |
 | 6 | permission denied on a file or folder |
+| 7 | a configured service cannot be reached: Prefect API, MLflow tracking server, Ray cluster, S3 endpoint (``ServiceError``) |
 | 130 | interrupted (Ctrl-C) |
 """
 
@@ -78,3 +79,11 @@ def root_cause(exc: BaseException) -> BaseException:
 def one_line(exc: BaseException) -> str:
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     return f"{type(exc).__name__}: {lines[0][:400] if lines else ''}".rstrip(": ")
+
+
+class ServiceError(GanforgeError, ConnectionError):
+    """A configured service (Prefect API, MLflow tracking server, Ray cluster, S3 endpoint) cannot be reached;
+    the message names it and what to do."""
+
+    exit_code = 7
+

@@ -11,6 +11,14 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# `make test` runs the suite on pytest-xdist workers (most of it waits on Ray, Prefect and MLflow starting up,
+# so a second worker nearly halves the wall time on 2 cores). Each worker gets its own Prefect home: two
+# local Prefect servers on one sqlite database would step on each other's migrations. Set before Prefect loads.
+if "PREFECT_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"ganforge-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+
 # Test-only families (tests/plugins: a module + the dist-info that declares its `ganforge.families` entry
 # points), visible to this process, to Ray workers and to CLI / `dvc repro` subprocesses, as an installed
 # package of the user's would be. Done before ganforge is imported: the family registry is read once.
@@ -20,6 +28,22 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGINS), os.environ.
 
 from ganforge.tasks.params import DataParams  # noqa: E402
 from ganforge.tasks.shard import shard  # noqa: E402
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each worker starts its own local Ray with 4 CPUs)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first, so the longest ones start at once on the workers and the quick ones
+    fill in around them (a long test left for the end would run alone)."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 next((i for i, m in enumerate(LONGEST) if item.path.name == m), len(LONGEST))))
+
+
+# the modules whose single tests run longest (DVC's whole pipelines, the sweep, VQ-GAN's three stages on Ray)
+LONGEST = ("test_dvc.py", "test_sweep.py", "test_vqgan.py", "test_train_ray.py", "test_s3.py", "test_readme.py")
 
 
 _USER_MLFLOW_ENV = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}

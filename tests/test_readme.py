@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# one xdist worker builds the user's folder (a train and a pipeline run) and runs every example in it
+pytestmark = pytest.mark.xdist_group("readme")
+
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"<!-- readme-test: (run|skip: .+?) -->")
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
