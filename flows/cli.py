@@ -582,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ganforge.tasks.console import configure
     from ganforge.tasks.runtime import apply_prefect_api_url
+    from ganforge.tasks.secrets import redact
 
     configure(verbose=args.verbose, progress=not args.quiet)
     try:
@@ -598,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         if decision is not None:  # a refusal still prints the gate's decision as the last stdout line
             print(json.dumps(decision, default=str))
         kind = "refused" if code == 3 else "error"
+        line = redact(line)  # a failure naming a URI names it without its credentials
         print(f"ganforge {args.command}: {kind}: {line}" if code != 2 else f"ganforge {args.command}: {line}",
               file=sys.stderr)
         return code

@@ -21,6 +21,7 @@ from typing import Any
 
 from ganforge.tasks.params import Params, flatten, load_params
 from ganforge.tasks.runtime import prefect_api_applied
+from ganforge.tasks.secrets import redact
 
 # Prefect reads its settings at import: apply runtime.prefect_api_url first (the CLI has already applied its
 # own --set value; a value in params.yaml wins over PREFECT_API_URL, which wins over the default).
@@ -306,3 +307,15 @@ def promote_flow(name: str | None = None, version: int | None = None, force: boo
     params = resolve(params, overrides)
     name = name or params.registry.model_name or f"ganforge-{params.train.family}"
     return promote_task(params, name, version, force)
+
+
+def redact_parameters(f):
+    """Prefect stores a flow run's parameters and shows them in its UI: store them without any URI's
+    credentials (runtime.mlflow_tracking_uri, s3_endpoint_url, ...). The run itself gets the values as given."""
+    serialize = f.serialize_parameters
+    f.serialize_parameters = lambda parameters: redact(serialize(parameters))
+    return f
+
+
+for _f in (train_pipeline, evaluate_flow, promote_flow):
+    redact_parameters(_f)

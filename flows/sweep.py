@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ganforge.flows.pipeline import (
-    _grid_markdown, _plain_console, _stop_ray, evaluate_task, register_task, resolve, shard_task,
+    _grid_markdown, _plain_console, _stop_ray, evaluate_task, redact_parameters, register_task, resolve,
+    shard_task,
 )
 from ganforge.tasks.params import Params
 
@@ -94,3 +95,6 @@ def sweep_flow(space: dict[str, dict[str, list]], out: str = "runs/sweep", num_s
                     params.registry.challenger_alias)
     logger.info("sweep done: %s", json.dumps(result, default=str))
     return result
+
+
+redact_parameters(sweep_flow)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ganforge.tasks.secrets import RedactingFilter
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Ray Train V2 logs every ray.train.report of every rank at INFO under a logger named by its file path.
 _RAY_TRAIN_CHATTY = ("ray.train", "ray.tune", "ray.data")
@@ -42,8 +44,10 @@ def configure(*, verbose: bool = False, progress: bool = True) -> None:
     if not verbose:  # MLflow's per-download bars and INFO lines (its logger is set up when mlflow is imported)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    handler = _StderrHandler()
+    handler.addFilter(RedactingFilter())  # no URI credential reaches the terminal, whoever logs it
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format=FORMAT, force=True,
-                        handlers=[_StderrHandler()])
+                        handlers=[handler])
     logging.getLogger("ganforge").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -117,6 +121,7 @@ def worker_logging(run_dir: str | None, stage: str, rank: int, verbose_: bool = 
         return None
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(level)
+    handler.addFilter(RedactingFilter())
     for h in list(logger.handlers):  # one file per stage and rank, also when a worker process is reused
         if isinstance(h, logging.FileHandler):
             logger.removeHandler(h)

@@ -48,23 +48,6 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- secrets
-
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]+)@")
-
-
-def redact(value: Any) -> Any:
-    """A URI's password replaced by ``***`` (``postgresql://user:***@host/db``), inside strings, lists and dicts;
-    ganforge writes no credential it was given into MLflow params, summaries or logs."""
-    if isinstance(value, str):
-        return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
-    return value
-
-
 # ----------------------------------------------------------------------------- temporary folders of dead runs
 
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]+$")

@@ -29,7 +29,8 @@ from ganforge.tasks.checkpoint import load_generator
 from ganforge.tasks.errors import GanforgeError, InputError, RegistryError
 from ganforge.tasks.export import export_model, predict, predict_images  # noqa: F401 - predict*: legacy models
 from ganforge.tasks.history import read_history
-from ganforge.tasks.io import redact, sha256_file, sha256_json
+from ganforge.tasks.io import sha256_file, sha256_json
+from ganforge.tasks.secrets import redact
 from ganforge.tasks.params import Params, RuntimeParams, flatten
 
 log = logging.getLogger("ganforge.registry")

@@ -7,6 +7,7 @@ import logging
 import os
 
 from ganforge.tasks.params import RuntimeParams
+from ganforge.tasks.secrets import redact
 from ganforge.tasks.storage import configure_s3
 
 log = logging.getLogger("ganforge.runtime")
@@ -30,7 +31,7 @@ def init_ray(runtime: RuntimeParams) -> None:
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if runtime.ray_address:
-        log.info("connecting to Ray at %s (from %s)", runtime.ray_address, runtime.source("ray_address"))
+        log.info("connecting to Ray at %s (from %s)", redact(runtime.ray_address), runtime.source("ray_address"))
     else:
         log.info("starting a local Ray")
     ray.init(**kwargs)
@@ -45,7 +46,7 @@ def apply_prefect_api_url(runtime: RuntimeParams) -> None:
     if url and os.environ.get("PREFECT_API_URL") != url:
         os.environ["PREFECT_API_URL"] = url
     if url:
-        log.info("Prefect API: %s (from %s)", url, runtime.source("prefect_api_url"))
+        log.info("Prefect API: %s (from %s)", redact(url), runtime.source("prefect_api_url"))
 
 
 _applied: list[bool] = []

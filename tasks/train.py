@@ -25,7 +25,8 @@ from ganforge.tasks.checkpoint import GRID, META, STATE, checkpoint_dir, checkpo
 from ganforge.tasks.console import StageProgress, progress_enabled, verbose
 from ganforge.tasks.errors import CheckpointError, StageError, one_line, root_cause
 from ganforge.tasks.history import numeric_keys, read_history, record_report
-from ganforge.tasks.io import redact, write_json
+from ganforge.tasks.io import write_json
+from ganforge.tasks.secrets import redact
 from ganforge.tasks.loop import ROWS, ray_train_loop
 from ganforge.tasks.params import Params, ParamsError
 from ganforge.tasks.runtime import init_ray

@@ -387,7 +387,7 @@ def test_dead_runs_leftovers_are_cleaned(tmp_path):
 def test_credentials_are_redacted_wherever_ganforge_writes_a_uri(shards8, tmp_path, restore_environ):
     import mlflow
 
-    from ganforge.tasks.io import redact
+    from ganforge.tasks.secrets import redact
     from ganforge.tasks.registry import start_pipeline_run
     from ganforge.tasks.train import _open_run
 

@@ -67,3 +67,54 @@ def test_a_local_server_that_does_not_start_in_time_says_what_to_do(tmp_path):
     assert len(err) == 1 and "Prefect's local server did not start within 0 s" in err[0], r.stderr[-3000:]
     assert "prefect server start" in err[0] and "PREFECT_API_URL=" in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- 3. secrets in logs and params
+
+URI_SHAPES = [
+    ("postgresql://ganforge:s3cr3t@db:5432/mlflow", "postgresql://ganforge:***@db:5432/mlflow"),
+    ("postgresql://ganforge:p@ss/w:rd@db/mlflow", "postgresql://ganforge:***@db/mlflow"),  # raw "@", "/", ":"
+    ("postgresql://ganforge:pa?ss@db/mlflow", "postgresql://ganforge:***@db/mlflow"),  # a raw "?"
+    ("mysql+pymysql://u:p%40ss@h/db?charset=utf8", "mysql+pymysql://u:***@h/db?charset=utf8"),
+    ("http://mlflow:5000/?password=hunter2&x=1", "http://mlflow:5000/?password=***&x=1"),
+    ("http://u:p@h:5000/api?api_key=k1&token=t1#frag", "http://u:***@h:5000/api?api_key=***&token=***#frag"),
+    ("https://b.s3.amazonaws.com/k?X-Amz-Signature=abc&X-Amz-Credential=AK%2F1&v=1",
+     "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&X-Amz-Credential=***&v=1"),
+    ("https://ghp_t0ken@github.com/org/repo", "https://***@github.com/org/repo"),
+    ("ray://admin:pw@head:10001", "ray://admin:***@head:10001"),
+    ("see postgresql://u:pw@h/db, then retry", "see postgresql://u:***@h/db, then retry"),
+    # nothing secret: unchanged
+    ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    ("s3://bucket/runs/a@b", "s3://bucket/runs/a@b"),
+    ("postgresql://u:pw@h/db?email=x@y", "postgresql://u:***@h/db?email=x@y"),
+    ("http://h/p?email=a:b@c", "http://h/p?email=a:b@c"),
+    ("ray-head:6379", "ray-head:6379"),
+]
+
+
+@pytest.mark.parametrize("uri,expected", URI_SHAPES)
+def test_redaction_of_every_uri_shape(uri, expected):
+    from ganforge.tasks.secrets import redact
+
+    assert redact(uri) == expected
+    assert redact({"k": [uri]}) == {"k": [expected]}
+
+
+def test_prefect_parameters_and_every_log_line_go_without_credentials(tmp_path):
+    """The Prefect API URL is logged redacted by every command, and a flow run's stored parameters hold no
+    password (they show in Prefect's UI)."""
+    from ganforge.flows.pipeline import train_pipeline
+    from ganforge.flows.sweep import sweep_flow
+    from ganforge.tasks.params import Params
+
+    p = Params.model_validate({"runtime": {"mlflow_tracking_uri": "postgresql://u:p@ss/w@db/mlflow",
+                                           "s3_endpoint_url": "http://minio:9000/?password=hunter2"}})
+    for f in (train_pipeline, sweep_flow):
+        stored = repr(f.serialize_parameters({"params": p}))
+        assert "p@ss" not in stored and "hunter2" not in stored and "u:***@db" in stored, stored
+    env = {**os.environ, "PREFECT_API_URL": "http://admin:hun@ter2@127.0.0.1:9/api"}
+    r = subprocess.run([str(BIN / "ganforge"), "dvc-stages", "--file", "stages.yaml"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-2000:]
+    assert "Prefect API: http://admin:***@127.0.0.1:9/api" in out and "ter2" not in out, out[-2000:]
