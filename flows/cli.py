@@ -9,6 +9,7 @@ No tensor math lives here.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -562,11 +563,14 @@ EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 def failure(exc: BaseException) -> tuple[int, str]:
     """(exit code, one line) for a failure: the codes are listed in ganforge.tasks.errors."""
     from ganforge.tasks.errors import GanforgeError, one_line, root_cause
+    from ganforge.tasks.io import visible_path
 
     if isinstance(exc, GanforgeError):
         return exc.exit_code, str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return 6, f"read-only file system: cannot write {visible_path(exc.filename) if exc.filename else exc}"
     if isinstance(exc, PermissionError):
-        return 6, f"permission denied: {exc.filename or exc}" + (f" ({exc.strerror})" if exc.strerror else "")
+        return 6, f"permission denied: {visible_path(exc.filename) if exc.filename else exc}" + (f" ({exc.strerror})" if exc.strerror else "")
     if isinstance(exc, FileNotFoundError):
         return 4, str(exc) if not exc.filename else f"not found: {exc.filename}"
     if isinstance(exc, IsADirectoryError | NotADirectoryError | FileExistsError):

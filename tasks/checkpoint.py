@@ -155,8 +155,9 @@ def load_state(ckpt_dir: str | Path, *, validated: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {STATE} cannot be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); use an earlier checkpoint") from None
+        # not torch's own text: it suggests weights_only=False, i.e. running whatever code the damaged file holds
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {STATE} is not a readable checkpoint "
+                              f"({type(e).__name__}); use an earlier checkpoint") from None
 
 
 def latest_checkpoint(storage: str, stage: StageSpec, ranks: int | None = None) -> str | None:

@@ -8,8 +8,9 @@ Prefect flow does not retry the ones that would only recur.
 | 3 | the champion gate refused a promotion (``PromotionRefused``) |
 | 4 | a missing or damaged input: shards, manifest, checkpoint, evaluation file (``InputError``) |
 | 5 | an unknown registered model, version or alias (``RegistryError``) |
-| 6 | permission denied on a file or folder |
+| 6 | permission denied on a file or folder, or a read-only file system |
 | 7 | a configured service cannot be reached: Prefect API, MLflow tracking server, Ray cluster, S3 endpoint (``ServiceError``) |
+| 8 | the output folder is held by another running process (``BusyError``) |
 | 130 | interrupted (Ctrl-C) |
 """
 
@@ -87,3 +88,11 @@ class ServiceError(GanforgeError, ConnectionError):
 
     exit_code = 7
 
+
+
+class BusyError(GanforgeError):
+    """Another process holds the folder this one would write (a run folder, a shard folder being written); the
+    message names the holder."""
+
+    exit_code = 8
+    retryable = False

@@ -63,6 +63,14 @@ class DataParams(_Section):
     labelled_per_class: int | None = Field(
         None, ge=1, description="semi-supervised data: also write a 'labelled' split of this many train images per "
                                 "class (deterministic, class-balanced); null: none")
+    max_file_mib: float = Field(256, gt=0, description="a file (or .zip member) larger than this is skipped unread; "
+                                                     "the rest is read within it, so hostile input cannot exhaust memory")
+    min_image_side: int = Field(8, ge=1, description="an image whose shorter side is below this is skipped (not "
+                                                     "upscaled from a few pixels)")
+    max_aspect: float = Field(4.0, ge=1, description="images longer than this ratio (the square crop keeps a small "
+                                                     "part) are counted in the manifest and warned about")
+    follow_links: bool = Field(False, description="follow symbolic links in a source folder that point out of it "
+                                                  "(never followed by default; each one is listed as skipped)")
 
 
 class _TrainBase(_Section):
@@ -194,6 +202,8 @@ class RuntimeParams(_Section):
     ray_storage: str | None = Field(
         None, description="Ray Train storage root (shared folder or s3://...); None: RUN_DIR/ray"
     )
+    ray_dashboard: bool = Field(False, description="with a local Ray: also start Ray's dashboard "
+                                "(http://127.0.0.1:8265); it adds seconds and processes to every start")
     mlflow_tracking_uri: str = Field("sqlite:///mlflow.db", description="sqlite file, or http(s)://tracking-server")
     mlflow_artifact_root: str = Field("mlartifacts", description="artifact root for new experiments")
     mlflow_experiment: str = Field("ganforge", description="experiment runs are logged to")
@@ -248,6 +258,11 @@ def _format_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def _section_keys(name: str) -> list[str]:
+    ann = Params.model_fields[name].annotation
+    return list(getattr(ann, "model_fields", {}))
+
+
 def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     cur = d
@@ -295,6 +310,12 @@ def load_params(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not isinstance(loaded, dict):
             raise ParamsError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
         raw, origin = loaded, str(p)
+        for name, value in raw.items():  # `data: 5` would otherwise surface as a puzzling --set error
+            if name in Params.model_fields and not isinstance(value, dict) and value is not None:
+                raise ParamsError(f"{p}: {name} must be a section (keys under it, e.g. {name}.{next(iter(_section_keys(name)), 'key')}), "
+                                  f"got {value!r}")
+            if value is None:
+                raw[name] = {}  # an empty section (`data:`) means its defaults
     env_items = [(k[len(ENV_PREFIX):].lower().replace("__", "."), yaml.safe_load(v) if v.strip() else "")
                  for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIX) and len(k) > len(ENV_PREFIX)]
     if env_items:

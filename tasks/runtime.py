@@ -32,8 +32,9 @@ def init_ray(runtime: RuntimeParams) -> None:
         kwargs["runtime_env"] = {"env_vars": env}
     if runtime.ray_address:
         log.info("connecting to Ray at %s (from %s)", redact(runtime.ray_address), runtime.source("ray_address"))
-    else:
-        log.info("starting a local Ray")
+    else:  # the dashboard's processes double a local start's time on a laptop: only when asked for
+        kwargs["include_dashboard"] = runtime.ray_dashboard
+        log.info("starting a local Ray%s", " (dashboard: http://127.0.0.1:8265)" if runtime.ray_dashboard else "")
     ray.init(**kwargs)
 
 

@@ -55,13 +55,32 @@ def encode_image(arr: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _process(job: tuple[Candidate, int, str]) -> tuple[bytes | None, str | None]:
-    cand, resolution, fmt = job
+def _process(job: tuple[Candidate, int, str, tuple[int, int]]) -> tuple[bytes | None, str | None, float]:
+    """One candidate -> (encoded sample, or None and the skip reason; the image's aspect ratio, long:short)."""
+    cand, resolution, fmt, (max_bytes, min_side) = job
     try:
-        arr = prepare(load_image(cand), resolution)
+        img = load_image(cand, max_bytes)
+        aspect = max(img.size) / max(1, min(img.size))
+        arr = prepare(img, resolution, min_side)
     except Exception as e:  # noqa: BLE001 - any decode failure is a skip with its reason
-        return None, skip_reason(e)
-    return encode_image(arr, fmt), None
+        return None, skip_reason(e), 1.0
+    return encode_image(arr, fmt), None, aspect
+
+
+def _limits(data: DataParams) -> tuple[int, int]:
+    return int(data.max_file_mib * 2**20), data.min_image_side
+
+
+def _aspect_report(wide: list[tuple[str, float]], data: DataParams) -> dict:
+    """manifest['extreme_aspect']: how many images are longer than data.max_aspect (the centred square crop keeps
+    1/ratio of them), with the most extreme few; and one warning line when there are any."""
+    wide = sorted(wide, key=lambda w: (-w[1], w[0]))
+    if wide:
+        log.warning("%d image(s) have an aspect ratio over %g:1 (e.g. %s at %.1f:1): the centred square crop keeps "
+                    "only a part of each; they are listed in manifest.json under extreme_aspect",
+                    len(wide), data.max_aspect, wide[0][0], wide[0][1])
+    return {"threshold": data.max_aspect, "count": len(wide),
+            "examples": [{"path": p, "aspect": round(a, 2)} for p, a in wide[:10]]}
 
 
 def _decode_all(jobs: list, workers: int) -> Iterator[tuple[bytes | None, str | None]]:
@@ -123,7 +142,8 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
     out = Path(out)
     if data.source_b or is_domain_layout(source):
         return shard_domains(source, data.source_b, out, data, progress=progress)
-    listing = list_source(source, download=data.download, torchvision_root=data.torchvision_root)
+    listing = list_source(source, download=data.download, torchvision_root=data.torchvision_root,
+                          follow_links=data.follow_links)
     cands = listing.candidates
     skipped = list(listing.skipped)
     if not cands:
@@ -134,7 +154,7 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
     n_val = math.ceil(data.val_fraction * len(cands)) if data.val_fraction > 0 else 0
     if n_val >= len(cands):
         n_val = len(cands) - 1
-    jobs = [(cands[i], data.resolution, data.image_format) for i in order]
+    jobs = [(cands[i], data.resolution, data.image_format, _limits(data)) for i in order]
     per_class = data.labelled_per_class
     if per_class and not listing.classes:
         raise ShardError("--labelled-per-class needs a labelled source (class subfolders, digits, synthetic:shapes): "
@@ -147,11 +167,14 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
         labelled_keys: dict[int, list[str]] = {}
         results = _decode_all(jobs, data.workers)
         bar = tqdm(results, total=len(jobs), desc="shard", unit="img", disable=not progress, mininterval=0.5)
-        for pos, (payload, reason) in enumerate(bar):
+        wide: list[tuple[str, float]] = []
+        for pos, (payload, reason, aspect) in enumerate(bar):
             cand = jobs[pos][0]
             if payload is None:
                 skipped.append({"path": cand.ref, "reason": reason})
                 continue
+            if aspect > data.max_aspect:
+                wide.append((cand.ref, aspect))
             split = "val" if pos < n_val else "train"
             if split == "train" and data.max_train_images and writers["train"].count >= data.max_train_images:
                 continue  # data.max_train_images: a smaller train split, the same val split
@@ -191,6 +214,7 @@ def shard(source: str, out: str | Path, data: DataParams, *, progress: bool = Tr
             "classes": listing.classes,
             "splits": splits,
             "params": data.model_dump(mode="json", exclude=RUN_ONLY_PARAMS),
+            "extreme_aspect": _aspect_report(wide, data),
             **({"labelled": {"per_class": per_class, "split": LABELLED,
                              "keys": sorted(k for v in labelled_keys.values() for k in v)}} if per_class else {}),
         }
@@ -248,7 +272,8 @@ def shard_domains(source: str, source_b: str | None, out: str | Path, data: Data
         listed = {}
         for part, src in parts.items():
             try:
-                listing = list_source(src, download=data.download, torchvision_root=data.torchvision_root)
+                listing = list_source(src, download=data.download, torchvision_root=data.torchvision_root,
+                                      follow_links=data.follow_links)
             except SourceError as e:
                 raise ShardError(f"domain {d} ({src}): {e}") from None
             if not listing.candidates:
@@ -270,7 +295,7 @@ def shard_domains(source: str, source_b: str | None, out: str | Path, data: Data
                     continue
                 kept += 1
             jobs.append((Candidate(f"{folder}{d}/{cand.ref}" if layout else cand.ref, None, cand.kind,
-                                   cand.locator), data.resolution, data.image_format))
+                                   cand.locator), data.resolution, data.image_format, _limits(data)))
             where.append((d, part))
         domains[d] = {"source": parts if layout else parts["train"],
                       "skipped": [dict(s, path=f"{d}:{f'{part}{d}/' if layout else ''}{s['path']}")
@@ -283,11 +308,14 @@ def shard_domains(source: str, source_b: str | None, out: str | Path, data: Data
                  data.resolution, data.resolution, data.image_format, data.workers)
         bar = tqdm(_decode_all(jobs, data.workers), total=len(jobs), desc="shard", unit="img", disable=not progress,
                    mininterval=0.5)
-        for pos, (payload, reason) in enumerate(bar):
+        wide: list[tuple[str, float]] = []
+        for pos, (payload, reason, aspect) in enumerate(bar):
             (d, part), cand = where[pos], jobs[pos][0]
             if payload is None:
                 domains[d]["skipped"].append({"path": f"{d}:{cand.ref}", "reason": reason})
                 continue
+            if aspect > data.max_aspect:
+                wide.append((f"{d}:{cand.ref}", aspect))
             w = writers[domain_split(part, d)]
             w.write({"__key__": f"{w.split.lower()}{w.count:08d}", data.image_format: payload,
                      "json": json.dumps({"source": cand.ref, "domain": d}).encode()})
@@ -306,6 +334,7 @@ def shard_domains(source: str, source_b: str | None, out: str | Path, data: Data
             "resolution": data.resolution, "channels": 3, "image_format": data.image_format,
             "resize_filter": RESIZE_FILTER, "classes": [], "domains": domains, "splits": splits,
             "params": data.model_dump(mode="json", exclude=RUN_ONLY_PARAMS),
+            "extreme_aspect": _aspect_report(wide, data),
         }
         write_manifest(tmp, manifest)
     log.info("wrote two domains to %s: %s; skipped %d", out, {n: v["count"] for n, v in splits.items()},

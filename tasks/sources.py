@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -88,7 +89,43 @@ def _count(parts: list[str], default: int, what: str) -> int:
     return n
 
 
-def list_source(source: str, *, download: bool = False, torchvision_root: str = "data/torchvision") -> SourceListing:
+def _walk(root: Path, follow_links: bool) -> tuple[list[PurePosixPath], list[dict[str, str]]]:
+    """The files under a source folder, and the symbolic links not taken, each with its reason. A link to a
+    file inside the folder is taken; a link out of it only with ``follow_links`` (a user's folder must not pull
+    in whatever this process can read); a dangling link, or a link to a folder, never (no cycles)."""
+    files, skipped = [], []
+    real_root = root.resolve()
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        here = Path(folder)
+        for name in sorted(dirs):
+            if (here / name).is_symlink():
+                skipped.append({"path": (here / name).relative_to(root).as_posix(),
+                                "reason": "symbolic link to a folder (not followed)"})
+        for name in names:
+            p = here / name
+            rel = PurePosixPath(p.relative_to(root).as_posix())
+            if p.is_symlink():
+                try:
+                    target = p.resolve(strict=True)
+                except (FileNotFoundError, RuntimeError, OSError):
+                    skipped.append({"path": str(rel), "reason": "dangling symbolic link"})
+                    continue
+                if not target.is_file():
+                    skipped.append({"path": str(rel), "reason": "symbolic link to something other than a file"})
+                    continue
+                if not target.is_relative_to(real_root) and not follow_links:
+                    skipped.append({"path": str(rel), "reason": "symbolic link out of the source folder (not "
+                                                                "followed; data.follow_links: true follows it)"})
+                    continue
+            elif not p.is_file():
+                skipped.append({"path": str(rel), "reason": "not a regular file"})
+                continue
+            files.append(rel)
+    return files, skipped
+
+
+def list_source(source: str, *, download: bool = False, torchvision_root: str = "data/torchvision",
+                follow_links: bool = False) -> SourceListing:
     if source == "digits":
         from sklearn.datasets import load_digits
 
@@ -123,10 +160,12 @@ def list_source(source: str, *, download: bool = False, torchvision_root: str = 
             f"'synthetic:<{'|'.join(SYNTHETIC_KINDS)}>[:N]', 'photo:<{'|'.join(PHOTOS)}>[:N]' or 'torchvision:<NAME>'"
         )
     if path.is_dir():
-        rel = [PurePosixPath(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file()]
-        if not rel:
+        rel, links = _walk(path, follow_links)
+        if not rel and not links:
             raise SourceError(f"source folder {source!r} is empty")
-        return _from_paths(rel, lambda p, lab: Candidate(str(p), lab, "file", str(path / p)))
+        listing = _from_paths(rel, lambda p, lab: Candidate(str(p), lab, "file", str(path / p)))
+        listing.skipped.extend(links)
+        return listing
     if path.suffix.lower() == ".zip":
         try:
             with zipfile.ZipFile(path) as zf:
@@ -238,8 +277,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_image(c: Candidate) -> Image.Image:
-    """Decode one candidate fully (raises on truncated / non-image data)."""
+def _read_bounded(f, limit: int | None, what: str) -> bytes:
+    data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise DecodeError(f"{what} larger than data.max_file_mib ({limit / 2**20:g} MiB)")
+    return data
+
+
+def load_image(c: Candidate, max_bytes: int | None = None) -> Image.Image:
+    """Decode one candidate fully (raises on truncated / non-image data). A file or archive member over
+    ``max_bytes`` (by its size on disk, its declared size, or what reading it yields) is refused unread."""
     if c.kind == "array":
         arr = np.asarray(c.locator)
         return Image.fromarray(arr)
@@ -248,11 +295,20 @@ def load_image(c: Candidate) -> Image.Image:
     if c.kind == "photo":
         return _photo_crop(*c.locator)
     if c.kind == "file":
-        data = Path(c.locator).read_bytes()
+        size = os.stat(c.locator).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise DecodeError(f"file too large ({size / 2**20:.0f} MiB > data.max_file_mib {max_bytes / 2**20:g})")
+        with open(c.locator, "rb") as f:
+            data = _read_bounded(f, max_bytes, "file")
     else:
         zpath, member = c.locator
         with zipfile.ZipFile(zpath) as zf:
-            data = zf.read(member)
+            declared = zf.getinfo(member).file_size
+            if max_bytes is not None and declared > max_bytes:
+                raise DecodeError(f"archive member too large ({declared / 2**20:.0f} MiB unpacked > "
+                                  f"data.max_file_mib {max_bytes / 2**20:g})")
+            with zf.open(member) as f:  # a member may unpack to more than it declares: read within the limit
+                data = _read_bounded(f, max_bytes, "archive member")
     if not data:
         raise DecodeError("zero bytes")
     img = Image.open(io.BytesIO(data))
@@ -261,8 +317,11 @@ def load_image(c: Candidate) -> Image.Image:
     return img
 
 
-def prepare(img: Image.Image, resolution: int) -> np.ndarray:
-    """RGB, centred square crop, antialiased resize -> HxWx3 uint8."""
+def prepare(img: Image.Image, resolution: int, min_side: int = 1) -> np.ndarray:
+    """RGB, centred square crop, antialiased resize -> HxWx3 uint8; an image whose shorter side is below
+    ``min_side`` is refused rather than upscaled from a few pixels."""
+    if min(img.size) < min_side:
+        raise DecodeError(f"image too small ({img.size[0]}x{img.size[1]}; data.min_image_side is {min_side})")
     try:
         img = to_rgb(img)
     except ValueError:  # PIL: "conversion from X to Y not supported"

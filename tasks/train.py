@@ -25,11 +25,11 @@ from ganforge.tasks.checkpoint import GRID, META, STATE, checkpoint_dir, checkpo
 from ganforge.tasks.console import StageProgress, progress_enabled, verbose
 from ganforge.tasks.errors import CheckpointError, StageError, one_line, root_cause
 from ganforge.tasks.history import numeric_keys, read_history, record_report
-from ganforge.tasks.io import write_json
-from ganforge.tasks.secrets import redact
+from ganforge.tasks.io import hold, write_json
 from ganforge.tasks.loop import ROWS, ray_train_loop
-from ganforge.tasks.params import Params, ParamsError
+from ganforge.tasks.params import Params, ParamsError, flatten
 from ganforge.tasks.runtime import init_ray
+from ganforge.tasks.secrets import redact
 from ganforge.tasks.shard import manifest_hash, read_manifest, verify_shards
 from ganforge.tasks.storage import arrow_fs, is_remote
 
@@ -42,6 +42,16 @@ def identity(tp) -> dict:
     """Parameters that change what a checkpoint means: a RUN_DIR resumes only with the same values."""
     d = tp.model_dump(mode="json")
     return {k: d[k] for k in ("family", "batch_size", "seed", tp.family)}
+
+
+def identity_changes(stored: dict, now: dict, limit: int = 6) -> str:
+    """What differs between a run's stored identity and this one's, key by key:
+    ``train.batch_size: 32 in the run, 16 now``."""
+    a, b = flatten(stored, "train."), flatten(now, "train.")
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    parts = [f"{k}: {json.dumps(a.get(k, '<unset>'))} in the run, {json.dumps(b.get(k, '<unset>'))} now"
+             for k in keys[:limit]]
+    return "; ".join(parts + ([f"and {len(keys) - limit} more"] if len(keys) > limit else []))
 
 
 def storage_root(params: Params, run_dir: Path) -> str:
@@ -71,10 +81,8 @@ def _open_run(shards: str | Path, out: str | Path, params: Params) -> tuple[Path
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if summary.get("identity") != ident:
-            raise ValueError(
-                f"{run_dir} holds a run with different training parameters ({summary.get('identity')}); "
-                f"use a new --out or restore those parameters"
-            )
+            raise ParamsError(f"{run_dir} holds a run with other training parameters ({identity_changes(summary.get('identity') or {}, ident)}); "
+                              f"use a new --out or restore those parameters")
     else:
         summary = {"family": family.name, "identity": ident, "stages": {}, "final_checkpoint": None}
     summary["data"] = {"shards": str(shards), "manifest_sha256": manifest_hash(shards)}
@@ -88,8 +96,16 @@ def train_stage(shards: str | Path, out: str | Path, params: Params, stage_index
                 init: str | None = None, on_progress=None, verify: bool | None = None, curve=None) -> dict:
     """Run (or skip, when finished, or resume, when interrupted) one stage; returns its summary record.
 
-    ``init``: the previous stage's final checkpoint (default: from summary.json).
+    ``init``: the previous stage's final checkpoint (default: from summary.json). The run folder is held by
+    this process meanwhile: a second run on it is refused (BusyError), naming this one.
     """
+    with hold(out, "training"):
+        return _train_stage(shards, out, params, stage_index, init=init, on_progress=on_progress, verify=verify,
+                            curve=curve)
+
+
+def _train_stage(shards: str | Path, out: str | Path, params: Params, stage_index: int, *,
+                 init: str | None, on_progress, verify: bool | None, curve) -> dict:
     run_dir, summary, storage = _open_run(shards, out, params)
     family = get_family(params.train)
     stage = family.stages()[stage_index]
@@ -244,11 +260,12 @@ def train(shards: str | Path, out: str | Path, params: Params, *, verify: bool |
     """Run (or resume) every stage in order; returns the summary (also RUN_DIR/summary.json)."""
     stages = get_family(params.train).stages()
     prev = None
-    for stage in stages:
-        prev = train_stage(shards, out, params, stage.index, init=prev, verify=verify, curve=curve)["checkpoint"]
-    summary = json.loads((Path(out) / SUMMARY).read_text())
-    summary["final_checkpoint"] = prev
-    write_json(Path(out) / SUMMARY, summary)
+    with hold(out, "training"):
+        for stage in stages:
+            prev = train_stage(shards, out, params, stage.index, init=prev, verify=verify, curve=curve)["checkpoint"]
+        summary = json.loads((Path(out) / SUMMARY).read_text())
+        summary["final_checkpoint"] = prev
+        write_json(Path(out) / SUMMARY, summary)
     return summary
 
 

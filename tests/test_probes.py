@@ -118,3 +118,259 @@ def test_prefect_parameters_and_every_log_line_go_without_credentials(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-2000:]
     assert "Prefect API: http://admin:***@127.0.0.1:9/api" in out and "ter2" not in out, out[-2000:]
+
+
+# ----------------------------------------------------------------------------- 5. the exit contract
+
+
+def _cli(*args, cwd, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ganforge"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _line(r: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ganforge ")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def shards8(tmp_path_factory) -> Path:
+    from ganforge.tasks.params import DataParams
+    from ganforge.tasks.shard import shard
+
+    out = tmp_path_factory.mktemp("probes") / "shards"
+    shard("synthetic:shapes:24", out, DataParams(resolution=8, shard_size=12, val_fraction=0.25, workers=1),
+          progress=False)
+    return out
+
+
+def test_resuming_with_changed_params_names_the_keys_and_exits_2(shards8, tmp_path):
+    from ganforge.tasks.params import Params
+    from ganforge.tasks.train import identity
+
+    run = tmp_path / "run"
+    run.mkdir()
+    then = Params.model_validate({"train": {"family": "toyvae", "resolution": 8, "batch_size": 32,
+                                            "toyvae": {"width": 8}}})
+    (run / "summary.json").write_text(__import__("json").dumps({"identity": identity(then.train), "stages": {}}))
+    before = (run / "summary.json").read_text()
+    r = _cli("-q", "train", "--data", str(shards8), "--out", str(run), "--family", "toyvae", "--resolution", "8",
+             "--batch-size", "16", "--set", "train.toyvae.width=4", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = _line(r)
+    assert "train.batch_size: 32 in the run, 16 now" in line and "train.toyvae.width: 8 in the run, 4 now" in line
+    assert "'stages'" not in line and len(line) < 400, line  # the keys that differ, not the stored dict
+    assert (run / "summary.json").read_text() == before
+
+
+def test_a_section_that_is_not_a_mapping_is_named(tmp_path):
+    (tmp_path / "params.yaml").write_text("data: 5\n")
+    r = _cli("-q", "dvc-stages", "--file", "x.yaml", cwd=tmp_path)
+    assert r.returncode == 2
+    assert _line(r) == "ganforge dvc-stages: params.yaml: data must be a section (keys under it, e.g. data.source), got 5"
+
+
+def test_a_same_size_damaged_state_is_called_damaged_without_unsafe_advice(shards8, tmp_path):
+    """A state.pt that is a valid archive of the recorded size but holds something other than tensors (here an
+    object torch will not unpickle safely): no hint to set weights_only=False (it would run the file's code)."""
+    import datetime
+    import json
+
+    import torch
+
+    from ganforge.tasks.checkpoint import load_state
+    from ganforge.tasks.errors import CheckpointError
+    from ganforge.tasks.io import sha256_file
+    from ganforge.tasks.loop import LocalSession, run_stage
+    from ganforge.tasks.params import TrainParams
+
+    tp = TrainParams.model_validate(dict(family="toyvae", resolution=8, batch_size=8, checkpoint_kimg=0.016,
+                                         toyvae=dict(width=4)))
+    s = LocalSession(tmp_path / "s")
+    run_stage({"params": tp.model_dump(mode="json"), "stage": 0, "shards": str(shards8), "run_dir": None,
+               "max_steps": 2}, s)
+    ck = Path(s.checkpoints[-1])
+    torch.save({"when": datetime.datetime(2026, 1, 1)}, ck / "state.pt")
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["files"]["state.pt"] = {"size": (ck / "state.pt").stat().st_size, "sha256": sha256_file(ck / "state.pt")}
+    (ck / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as e:
+        load_state(ck)
+    assert f"checkpoint {ck} is damaged" in str(e.value) and "use an earlier checkpoint" in str(e.value)
+    assert "weights_only" not in str(e.value)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only filesystem (a tmpfs mounted ro): needs root and mount rights, as on the CI machine."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+    yield d
+    subprocess.run(["umount", str(d)], check=True)
+
+
+def test_a_read_only_filesystem_exits_6_naming_the_output_folder(shards8, read_only_dir, tmp_path):
+    r = _cli("-q", "shard", "--source", "synthetic:shapes:8", "--out", str(read_only_dir / "shards"), cwd=tmp_path)
+    assert r.returncode == 6, r.stderr[-3000:]
+    assert _line(r) == f"ganforge shard: error: read-only file system: cannot write {read_only_dir / 'shards'}"
+    r = _cli("-q", "train", "--data", str(shards8), "--out", str(read_only_dir / "run"), "--family", "toyvae",
+             "--resolution", "8", cwd=tmp_path)
+    assert r.returncode == 6 and _line(r).endswith(f"cannot write {read_only_dir / 'run'}"), r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- 1. one run per folder
+
+HOLDER = ("import sys, time\n"
+          "from ganforge.tasks.io import hold\n"
+          "with hold(sys.argv[1], 'training'):\n"
+          "    print('held', flush=True); time.sleep(600)\n")
+
+
+def _holding(target: Path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(target)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(shards8, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "shards"
+    for target, cmd in ((run, ["train", "--data", str(shards8), "--out", str(run), "--family", "toyvae",
+                                "--resolution", "8"]),
+                        (out, ["shard", "--source", "synthetic:shapes:8", "--out", str(out)])):
+        p = _holding(target)
+        try:
+            r = _cli("-q", *cmd, cwd=tmp_path)
+        finally:
+            p.kill()
+            p.wait()
+        assert r.returncode == 8, r.stderr[-3000:]
+        line = _line(r)
+        assert f"{target} is in use: training by pid {p.pid} on host " in line and "since 20" in line, line
+        assert "wait for it to finish, or use another folder" in line
+        assert not target.exists() or not any(target.iterdir()), "the refused run wrote nothing"
+
+
+def test_a_dead_holders_folder_is_taken_over(tmp_path, caplog):
+    import logging
+
+    from ganforge.tasks.errors import BusyError
+    from ganforge.tasks.io import hold
+
+    run = tmp_path / "run"
+    p = _holding(run)
+    with pytest.raises(BusyError, match=f"pid {p.pid}"):
+        with hold(run, "training"):
+            pass
+    p.kill()  # SIGKILL: no chance to release anything
+    p.wait()
+    assert (tmp_path / ".run.lock").read_text().startswith(f"training by pid {p.pid}")
+    with caplog.at_level(logging.WARNING):
+        with hold(run, "training"):
+            with hold(run, "training"):  # re-entered by its holder (train() around each stage)
+                pass
+            assert f"taking it over (training by pid {p.pid}" in caplog.text
+    assert not (tmp_path / ".run.lock").exists(), "a clean release leaves no lock file"
+
+
+# ----------------------------------------------------------------------------- 2. hostile input, 7. silent acceptance
+
+
+def _png(path: Path, w: int, h: int, seed: int = 0) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _peak_rss_mib(code: str, cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
+    """Run ``code`` in a fresh interpreter; its peak resident memory (ru_maxrss of the child), in MiB."""
+    wrapped = (code + "\nimport resource, sys\n"
+               "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", wrapped], cwd=cwd, capture_output=True, text=True, timeout=300)
+    peak = [float(ln.split()[1]) for ln in r.stderr.splitlines() if ln.startswith("PEAK ")]
+    return (peak[0] if peak else float("nan")), r
+
+
+def test_an_oversized_file_or_zip_member_is_skipped_unread(tmp_path):
+    """A 1 MB .zip holding a 1 GiB member (and a 1 GiB sparse file in a folder) drove `shard` to 2.66 GB
+    resident before; now each is skipped by its size, with its reason, and memory stays bounded."""
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        _png(src / f"ok{i}.png", 32, 32, i)
+    with open(src / "huge.png", "wb") as f:  # sparse: 1 GiB on paper, no disk used
+        f.truncate(1 << 30)
+    z = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i in range(3):
+            zf.write(src / f"ok{i}.png", f"ok{i}.png")
+        with zf.open("huge.png", "w", force_zip64=True) as m:
+            block = bytes(1 << 20)
+            for _ in range(1024):
+                m.write(block)
+    assert z.stat().st_size < 8 << 20
+    for source in (src, z):
+        code = (f"from ganforge.tasks.params import DataParams\nfrom ganforge.tasks.shard import shard\n"
+                f"m = shard({str(source)!r}, {str(tmp_path / ('out-' + source.name))!r}, "
+                f"DataParams(resolution=8, workers=1, val_fraction=0.25, max_file_mib=64), progress=False)\n"
+                f"import json; print(json.dumps(m['skipped']))")
+        peak, r = _peak_rss_mib(code, tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        skipped = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+        reasons = {s["path"]: s["reason"] for s in skipped}
+        assert reasons["huge.png"].endswith("too large (1024 MiB unpacked > data.max_file_mib 64)") or \
+            reasons["huge.png"] == "file too large (1024 MiB > data.max_file_mib 64)", reasons
+        assert peak < 900, f"{source.name}: peak RSS {peak:.0f} MiB"
+
+
+def test_links_out_of_the_source_and_dangling_links_are_listed_as_skipped(tmp_path):
+    from ganforge.tasks.params import DataParams
+    from ganforge.tasks.shard import shard
+
+    secret = _png(tmp_path / "elsewhere.png", 32, 32, 9)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(3):
+        _png(src / f"ok{i}.png", 32, 32, i)
+    (src / "inside.png").symlink_to(src / "ok0.png")
+    (src / "out.png").symlink_to(secret)
+    (src / "gone.png").symlink_to(tmp_path / "no-such.png")
+    (src / "loop").symlink_to(src, target_is_directory=True)
+    m = shard(str(src), tmp_path / "o", DataParams(resolution=8, workers=1, val_fraction=0.25), progress=False)
+    reasons = {s["path"]: s["reason"] for s in m["skipped"]}
+    assert reasons == {"out.png": "symbolic link out of the source folder (not followed; data.follow_links: true "
+                                  "follows it)",
+                       "gone.png": "dangling symbolic link",
+                       "loop": "symbolic link to a folder (not followed)"}
+    assert m["count"] == 4  # ok0..2 and the link inside the folder
+    m = shard(str(src), tmp_path / "o2", DataParams(resolution=8, workers=1, val_fraction=0.25, follow_links=True),
+              progress=False)
+    assert m["count"] == 5 and "out.png" not in {s["path"] for s in m["skipped"]}
+
+
+def test_tiny_images_are_skipped_and_extreme_aspects_reported(tmp_path, caplog):
+    import logging
+
+    from ganforge.tasks.params import DataParams
+    from ganforge.tasks.shard import shard
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        _png(src / f"ok{i}.png", 32, 32, i)
+    _png(src / "dot.png", 1, 1)
+    _png(src / "strip.png", 8000, 100)
+    with caplog.at_level(logging.WARNING):
+        m = shard(str(src), tmp_path / "o", DataParams(resolution=8, workers=1, val_fraction=0.25), progress=False)
+    assert {s["path"]: s["reason"] for s in m["skipped"]} == {
+        "dot.png": "image too small (1x1; data.min_image_side is 8)"}
+    assert m["extreme_aspect"] == {"threshold": 4.0, "count": 1, "examples": [{"path": "strip.png", "aspect": 80.0}]}
+    assert "1 image(s) have an aspect ratio over 4:1 (e.g. strip.png at 80.0:1)" in caplog.text

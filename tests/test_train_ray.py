@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ganforge.tasks.checkpoint import load_state
-from ganforge.tasks.params import Params
+from ganforge.tasks.params import Params, ParamsError
 from ganforge.tasks.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
@@ -51,8 +51,10 @@ def test_two_workers_two_stages_then_rerun_skips(digits_shards, tmp_path):
     s2 = train(digits_shards, p.train.out, p)
     assert s2["stages"] == s["stages"]
     # different model params cannot silently resume this run
-    with pytest.raises(ValueError, match="different training parameters"):
+    with pytest.raises(ParamsError, match=r"other training parameters \(train.batch_size: 16 in the run, 8 now\); "
+                                           r"use a new --out") as e:
         train(digits_shards, p.train.out, ray_params(tmp_path, batch_size=8))
+    assert e.value.exit_code == 2
 
 
 def faulty(p: Params, **fault) -> Params:
