@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -90,8 +91,35 @@ def _decode_all(jobs: list, workers: int) -> Iterator[tuple[bytes | None, str | 
     # fork, as torch's DataLoader does: works from any __main__ (stdin, notebooks, Ray
     # workers); the children only decode images and never touch the parent's locks.
     ctx = mp.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as ex:
         yield from ex.map(_process, jobs, chunksize=max(1, min(256, len(jobs) // (workers * 8))))
+
+
+def die_with_parent(parent: int) -> None:
+    """In a decode worker: end when the process that started it ends, even by ``kill -9`` (left alone, a
+    worker of a killed ``ganforge shard`` waited forever, holding its memory). Linux: the kernel's parent-death
+    signal; elsewhere: a thread that watches the parent."""
+    import signal
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 class _SplitWriter:

@@ -374,3 +374,43 @@ def test_tiny_images_are_skipped_and_extreme_aspects_reported(tmp_path, caplog):
         "dot.png": "image too small (1x1; data.min_image_side is 8)"}
     assert m["extreme_aspect"] == {"threshold": 4.0, "count": 1, "examples": [{"path": "strip.png", "aspect": 80.0}]}
     assert "1 image(s) have an aspect ratio over 4:1 (e.g. strip.png at 80.0:1)" in caplog.text
+
+
+# ----------------------------------------------------------------------------- 6. leftovers
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_decode_workers_end_when_shard_is_killed(tmp_path):
+    """`kill -9` of `ganforge shard` left its decode worker processes (~330 MB each) waiting forever."""
+    import signal
+
+    p = subprocess.Popen([str(BIN / "ganforge"), "-q", "shard", "--source", "synthetic:shapes:40000", "--resolution",
+                          "64", "--out", str(tmp_path / "o"), "--set", "data.workers=2"], cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kids: list[int] = []
+    deadline = time.time() + 120
+    while time.time() < deadline and len(kids) < 2 and p.poll() is None:
+        kids = _children(p.pid)
+        time.sleep(0.2)
+    assert len(kids) >= 2, "the decode workers did not start"
+    time.sleep(1.0)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(k) for k in kids):
+        time.sleep(0.2)
+    assert not [k for k in kids if _alive(k)], "decode workers outlived their killed parent"
