@@ -140,10 +140,15 @@ def gate_lock(client, name: str, *, timeout_s: float = 120.0, stale_s: float = 6
                 raise
             try:
                 held = client.get_registered_model(lock)
-                since = float(held.tags.get("since", "0"))
-                if time.time() - since > stale_s:
-                    log.warning("breaking the stale gate lock of %s held by %s", name, held.tags.get("owner"))
-                    client.delete_registered_model(lock)
+                # its age by the store's own creation time (written with the row), not by a tag or this host's
+                # clock: a lock read without its tags must not look 600 s old and be broken under its holder
+                age = time.time() - held.creation_timestamp / 1000.0
+                if held.creation_timestamp and age > stale_s:
+                    again = client.get_registered_model(lock)
+                    if again.creation_timestamp == held.creation_timestamp:  # still the same stale lock
+                        log.warning("breaking the stale gate lock of %s held by %s for %.0f s", name,
+                                    held.tags.get("owner"), age)
+                        client.delete_registered_model(lock)
                     continue
             except Exception:  # noqa: BLE001 - released meanwhile
                 continue
@@ -155,7 +160,12 @@ def gate_lock(client, name: str, *, timeout_s: float = 120.0, stale_s: float = 6
     try:
         yield
     finally:
-        _retry(client.delete_registered_model, lock)
+        try:
+            _retry(client.delete_registered_model, lock)
+        except Exception as e:  # noqa: BLE001 - the decision is made; a lock someone else removed is no failure
+            if "not found" not in str(e).lower() and "RESOURCE_DOES_NOT_EXIST" not in str(e):
+                raise
+            log.warning("the gate lock of %s was removed by another process while %s held it", name, me)
 
 
 def _model_version(client, name: str, version: int | str | None = None, alias: str | None = None):
