@@ -84,7 +84,10 @@ def cmd_shard(args: argparse.Namespace, params: Params) -> dict:
 
 
 def cmd_train(args: argparse.Namespace, params: Params) -> dict:
+    from ganforge.tasks.runtime import check_services
     from ganforge.tasks.train import train, train_stage
+
+    check_services(params.runtime, mlflow=False)  # a Ray cluster, an S3 endpoint: before any work
 
     if args.stages_file:
         from ganforge.flows.dvc import check_fresh
@@ -274,7 +277,9 @@ def _translate_args(p: argparse.ArgumentParser) -> None:
 def cmd_pipeline(args: argparse.Namespace, params: Params) -> dict:
     from ganforge.flows.pipeline import train_pipeline
     from ganforge.flows.services import ensure_prefect_api
+    from ganforge.tasks.runtime import check_services
 
+    check_services(params.runtime, prefect=True)  # before the first stage, not after the last
     ensure_prefect_api()
     r = train_pipeline(params=params)
     w = max([13, *map(len, r["scores"])])  # a translator's scores are per direction: fid_AtoB, ...
@@ -298,7 +303,9 @@ def cmd_sweep(args: argparse.Namespace, params: Params) -> dict:
     check_sweep(params, space, args.num_samples, args.stages)  # refusals before Prefect and Ray start
     from ganforge.flows.services import ensure_prefect_api
     from ganforge.flows.sweep import sweep_flow
+    from ganforge.tasks.runtime import check_services
 
+    check_services(params.runtime, prefect=True)
     ensure_prefect_api()
     r = sweep_flow(space=space, out=args.out, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                    stages=args.stages, grace_kimg=args.grace_kimg, reduction_factor=args.reduction_factor,

@@ -56,3 +56,61 @@ _applied: list[bool] = []
 def prefect_api_applied() -> bool:
     """Whether this process has applied a run's params to PREFECT_API_URL (the CLI does, before Prefect loads)."""
     return bool(_applied)
+
+
+def _reach(url: str, timeout_s: float) -> str | None:
+    """None when something answers at ``url`` (any HTTP status: the service is up), else why not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=timeout_s).close()  # noqa: S310 - the user's own service URL
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return str(reason) or type(reason).__name__
+    return None
+
+
+def _tcp(host: str, port: int, timeout_s: float) -> str | None:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+    return None
+
+
+def check_services(runtime: RuntimeParams, *, mlflow: bool = True, ray: bool = True, s3: bool = True,
+                   prefect: bool = False, timeout_s: float = 5.0) -> None:
+    """Before any work: every configured remote service answers, or ServiceError names the first that does not
+    (a pipeline used to train for an hour and then spend minutes retrying an unreachable tracking server).
+    Local defaults (sqlite, a local Ray, AWS, Prefect's local server) need no check."""
+    from urllib.parse import urlsplit
+
+    from ganforge.tasks.errors import ServiceError
+
+    checks: list[tuple[str, str, str | None]] = []
+    uri = runtime.mlflow_tracking_uri
+    if mlflow and uri.startswith(("http://", "https://")):
+        checks.append(("MLflow tracking server", uri, _reach(f"{uri.rstrip('/')}/health", timeout_s)))
+    if prefect and runtime.prefect_api_url:
+        checks.append(("Prefect API", runtime.prefect_api_url,
+                       _reach(f"{runtime.prefect_api_url.rstrip('/')}/health", timeout_s)))
+    if s3 and runtime.s3_endpoint_url:
+        checks.append(("S3 endpoint", runtime.s3_endpoint_url, _reach(runtime.s3_endpoint_url, timeout_s)))
+    addr = runtime.ray_address
+    if ray and addr and addr not in ("auto", "local"):
+        parts = urlsplit(addr if "://" in addr else f"ray://{addr}")
+        if parts.hostname and parts.port:
+            checks.append(("Ray cluster", addr, _tcp(parts.hostname, parts.port, timeout_s)))
+    for what, where, problem in checks:
+        if problem is not None:
+            raise ServiceError(f"{what} {redact(where)} cannot be reached ({problem}); start it, or point "
+                               f"runtime.{_FIELD[what]} elsewhere")
+
+
+_FIELD = {"MLflow tracking server": "mlflow_tracking_uri", "Prefect API": "prefect_api_url",
+          "S3 endpoint": "s3_endpoint_url", "Ray cluster": "ray_address"}

@@ -414,3 +414,30 @@ def test_decode_workers_end_when_shard_is_killed(tmp_path):
     while time.time() < deadline and any(_alive(k) for k in kids):
         time.sleep(0.2)
     assert not [k for k in kids if _alive(k)], "decode workers outlived their killed parent"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("cmd,setting,what", [
+    ("pipeline", "runtime.mlflow_tracking_uri=http://u:pw@127.0.0.1:{port}", "MLflow tracking server http://u:***@127.0.0.1:{port}"),
+    ("pipeline", "runtime.prefect_api_url=http://127.0.0.1:{port}/api", "Prefect API http://127.0.0.1:{port}/api"),
+    ("train", "runtime.ray_address=ray://127.0.0.1:{port}", "Ray cluster ray://127.0.0.1:{port}"),
+    ("train", "runtime.s3_endpoint_url=http://127.0.0.1:{port}", "S3 endpoint http://127.0.0.1:{port}"),
+])
+def test_an_unreachable_service_fails_first_in_one_line(shards8, tmp_path, cmd, setting, what):
+    """It used to train everything first, then spend ~4 min in retries and tracebacks."""
+    port = _free_port()
+    t0 = time.monotonic()
+    r = _cli("-q", cmd, "--set", f"data.shards={shards8}", "--set", "train.family=toyvae", "--set", "train.resolution=8",
+             "--set", f"train.out={tmp_path / 'run'}", "--set", setting.format(port=port), cwd=tmp_path)
+    assert r.returncode == 7, r.stderr[-3000:]
+    line = _line(r)
+    assert f"{what.format(port=port)} cannot be reached (" in line and "start it, or point runtime." in line, line
+    assert "pw@" not in r.stderr and not (tmp_path / "run").exists()
+    assert time.monotonic() - t0 < 60
