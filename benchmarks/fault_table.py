@@ -1,7 +1,7 @@
-"""Run the fault list of issue #13 against a tiny run, through the real `ganforge` CLI, and print a table:
-fault -> outcome (recovered, or a clean error) -> exit code -> what was lost.
+"""Run the fault lists of issues #13 and #29 against a tiny run, through the real `ganforge` CLI, and print a
+table: fault -> outcome (recovered, or a clean error) -> exit code -> what was lost.
 
-Usage: python benchmarks/fault_table.py [--keep]   (about 3-5 minutes on 2 CPU cores)
+Usage: python benchmarks/fault_table.py [--keep]   (about 6-8 minutes on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -185,6 +185,8 @@ def main() -> None:
     row("a password inside a URI param (summary.json)", r,
         "redacted" if leaked is False else f"LEAKED={leaked}", "nothing")
 
+    round_two(work, env)
+
     # 1. (last: it damages the run) torn checkpoints: the stage's final checkpoint is damaged after the run
     for fault, damage in (("newest checkpoint's state.pt truncated", "truncate"),
                           ("newest checkpoint's meta.json missing", "meta")):
@@ -211,6 +213,172 @@ def main() -> None:
         print(f"| {f} | {o} | {c} | {lost} |")
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def peak_child_mib(cmd: list[str], work: Path, env: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a command in a fresh process group; its peak resident memory (the largest of this script's children
+    so far, which is this one: it runs larger than any earlier), in MiB."""
+    import resource
+
+    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    return r, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def round_two(work: Path, env: dict) -> None:
+    """Issue #29: one run per folder, hostile input, secrets, failing early, the exit contract, leftovers."""
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    # 0. Prefect's local server on a fresh home, with both cores kept busy
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", "from ganforge.flows.services import ensure_prefect_api as e; e()"],
+                           cwd=work, env={**{k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+                                          "PREFECT_HOME": str(work / "prefect-home")},
+                           capture_output=True, text=True, timeout=600)
+        row("Prefect's local server, fresh PREFECT_HOME, cores kept busy (Prefect waits 20 s)", r,
+            f"started in {time.perf_counter() - t0:.0f} s", "nothing")
+    finally:
+        for p in spin:
+            p.kill()
+
+    # 1. two runs on one folder; the holder killed; the next run takes over
+    busy = ["train", "--out", "run-busy", "--workers", "1"]
+    holder = subprocess.Popen([str(BIN / "ganforge"), "-q", *busy], cwd=work, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(1200):
+        if (work / ".run-busy.lock").exists():
+            break
+        time.sleep(0.1)
+    r = ganforge(work, *busy)
+    row("two `ganforge train` on one --out at once", r, "the second refused, naming the first", "nothing")
+    for _ in range(1200):  # the holder is killed once it has a checkpoint
+        if list((work / "run-busy").glob("ray/*/ckpt-*")) or holder.poll() is not None:
+            break
+        time.sleep(0.1)
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.wait()
+    r = ganforge(work, *busy)
+    recs = json.loads((work / "run-busy" / "summary.json").read_text())["stages"] if r.returncode == 0 else {}
+    resumed = [k for k, v in recs.items() if v.get("resumed_from")]
+    row("`kill -9` of that train, then train again", r,
+        "took the folder over" + (f", resumed {resumed[0]} from its checkpoint" if resumed else ""),
+        "the images since its last checkpoint")
+    big = ["shard", "--source", "synthetic:shapes:40000", "--resolution", "64", "--out", "held", "--workers", "2"]
+    holder = subprocess.Popen([str(BIN / "ganforge"), "-q", *big], cwd=work, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        if (work / ".held.lock").exists():
+            break
+        time.sleep(0.05)
+    r = ganforge(work, "shard", "--source", "synthetic:shapes:8", "--resolution", "8", "--out", "held")
+    row("two `ganforge shard` into one --out at once", r, "the second refused, naming the first", "nothing")
+    time.sleep(2)
+    kids = [int(c) for t in Path(f"/proc/{holder.pid}/task").glob("*") for c in (t / "children").read_text().split()]
+    holder.kill()
+    holder.wait()
+    time.sleep(5)
+    alive = [k for k in kids if Path(f"/proc/{k}").exists()
+             and Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"]
+    row("`kill -9` of `ganforge shard` with 2 decode workers", None,
+        f"{len(kids) - len(alive)} of {len(kids)} workers ended with it" + (f"; {len(alive)} LEFT" if alive else ""),
+        "the partial shards (removed by the next run)")
+
+    # 2. hostile input (each in a fresh process: its own peak memory)
+    src = work / "hostile"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(src / f"ok{i}.png")
+    zpath = work / "bomb.zip"
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i in range(4):
+            zf.write(src / f"ok{i}.png", f"ok{i}.png")
+        with zf.open("huge.png", "w", force_zip64=True) as m:
+            for _ in range(1024):
+                m.write(bytes(1 << 20))
+    r, peak = peak_child_mib([str(BIN / "ganforge"), "-q", "shard", "--source", str(zpath), "--out", "zb",
+                              "--resolution", "8"], work, env)
+    row(f"a {zpath.stat().st_size / 1e6:.1f} MB .zip holding a 1 GiB member", r,
+        f"member skipped unread, peak {peak:.0f} MiB", "nothing")
+    with open(src / "huge.png", "wb") as f:
+        f.truncate(1 << 30)
+    (src / "out.png").symlink_to(work / "params.yaml")
+    (src / "gone.png").symlink_to(work / "no-such.png")
+    Image.fromarray(rng.integers(0, 255, (1, 1, 3), dtype=np.uint8)).save(src / "dot.png")
+    Image.fromarray(rng.integers(0, 255, (100, 8000, 3), dtype=np.uint8)).save(src / "strip.png")
+    r, peak = peak_child_mib([str(BIN / "ganforge"), "-q", "shard", "--source", str(src), "--out", "hs",
+                              "--resolution", "8"], work, env)
+    m = json.loads((work / "hs" / "manifest.json").read_text()) if r.returncode == 0 else {"skipped": []}
+    reasons = {s["path"]: s["reason"] for s in m["skipped"]}
+    row("a 1 GiB file in a source folder", r, f"{reasons.get('huge.png', 'NOT skipped')}; peak {peak:.0f} MiB",
+        "nothing")
+    row("a link out of the source folder, and a dangling link", r,
+        f"listed as skipped: {reasons.get('out.png', 'FOLLOWED')}; {reasons.get('gone.png', 'not listed')}", "nothing")
+    row("a 1x1 image, and an 8000x100 one", r, f"{reasons.get('dot.png', 'upscaled')}; "
+        f"{m.get('extreme_aspect', {}).get('count', 0)} extreme aspect(s) in the manifest and a warning", "nothing")
+
+    # 3. secrets
+    r = ganforge(work, "train", "--out", "run-secret2", "--set", "train.resolution=4", "--workers", "1",
+                 "--set", "train.progan.stabilize_kimg=0.016",
+                 "--set", "runtime.s3_endpoint_url=http://127.0.0.1:9/?password=hunter2")
+    r2 = subprocess.run([str(BIN / "ganforge"), "dvc-stages", "--file", "x.yaml"], cwd=work, capture_output=True,
+                        text=True, env={**env, "PREFECT_API_URL": "http://admin:p@ss/w0rd@127.0.0.1:9/api"})
+    summary = work / "run-secret2" / "summary.json"
+    text = (summary.read_text() if summary.exists() else "") + r.stderr + r2.stderr
+    row("`?password=` and a password with a raw @ and / (logs, summary.json)", r2,
+        "redacted" if "hunter2" not in text and "w0rd" not in text else "LEAKED", "nothing")
+
+    # 5. failing early, the exit contract
+    t0 = time.perf_counter()
+    r = ganforge(work, "pipeline", "--set", "runtime.mlflow_tracking_uri=http://127.0.0.1:9",
+                 "--set", "train.out=run-nomlflow")
+    row("`pipeline` with an unreachable MLflow tracking server", r,
+        f"refused before training ({time.perf_counter() - t0:.0f} s)", "nothing")
+    r = ganforge(work, "train", "--batch-size", "32")
+    row("resume with changed params (batch size 16 -> 32)", r, "refused, naming the key", "nothing")
+    bad = work / "bad-ckpt2"
+    final = json.loads((work / "run" / "summary.json").read_text())["final_checkpoint"]
+    shutil.copytree(final, bad)
+    import datetime
+
+    import torch
+
+    torch.save({"when": datetime.datetime(2026, 1, 1)}, bad / "state.pt")
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["files"]["state.pt"]["size"] = (bad / "state.pt").stat().st_size
+    (bad / "meta.json").write_text(json.dumps(meta))
+    r = ganforge(work, "evaluate", "--checkpoint", str(bad))
+    row("a damaged state.pt of the recorded size", r,
+        "called damaged" + (" (suggests weights_only=False!)" if "weights_only" in r.stderr else ""), "nothing")
+    (work / "p5.yaml").write_text("data: 5\n")
+    r = ganforge(work, "shard", "--params", "p5.yaml")
+    row("`data: 5` in params.yaml", r, "refused, naming the section", "nothing")
+    ro = work / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode == 0:
+        try:
+            r = ganforge(work, "shard", "--out", str(ro / "shards"))
+            row("`shard` onto a read-only file system", r, "refused", "nothing")
+        finally:
+            subprocess.run(["umount", str(ro)])
+    # Ctrl-C: SIGINT to the whole foreground group, as a terminal sends it
+    p = subprocess.Popen([str(BIN / "ganforge"), "-q", "train", "--out", "run-int", "--workers", "1",
+                          "--set", "train.progan.stabilize_kimg=20"], cwd=work, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for _ in range(1200):
+        if list((work / "run-int").glob("ray/*/ckpt-*")):
+            break
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    row("Ctrl-C during `ganforge train`", r,
+        f"interrupted; {len(err.strip().splitlines())} stderr line(s)"
+        + (" WITH a traceback" if "Traceback" in err else ", no traceback"), "the images since its last checkpoint")
 
 
 if __name__ == "__main__":
