@@ -215,13 +215,18 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def peak_child_mib(cmd: list[str], work: Path, env: dict) -> tuple[subprocess.CompletedProcess, float]:
-    """Run a command in a fresh process group; its peak resident memory (the largest of this script's children
-    so far, which is this one: it runs larger than any earlier), in MiB."""
-    import resource
+PEAK = ("import re, sys\nfrom ganforge.flows.cli import main\ntry:\n    code = main(sys.argv[1:])\nfinally:\n"
+        "    hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+        "    print('PEAK', int(hwm) / 1024, file=sys.stderr)\nsys.exit(code)\n")
 
-    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    return r, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+def peak_child_mib(args: list[str], work: Path, env: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """``ganforge ARGS`` in a fresh interpreter, and its peak resident memory in MiB (VmHWM, which starts afresh
+    at exec; decode workers, when there are any, are not counted)."""
+    r = subprocess.run([sys.executable, "-c", PEAK, *args], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=900)
+    peak = [float(ln.split()[1]) for ln in r.stderr.splitlines() if ln.startswith("PEAK ")]
+    return r, (peak[0] if peak else float("nan"))
 
 
 def round_two(work: Path, env: dict) -> None:
@@ -300,8 +305,8 @@ def round_two(work: Path, env: dict) -> None:
         with zf.open("huge.png", "w", force_zip64=True) as m:
             for _ in range(1024):
                 m.write(bytes(1 << 20))
-    r, peak = peak_child_mib([str(BIN / "ganforge"), "-q", "shard", "--source", str(zpath), "--out", "zb",
-                              "--resolution", "8"], work, env)
+    r, peak = peak_child_mib(["-q", "shard", "--source", str(zpath), "--out", "zb", "--resolution", "8",
+                              "--workers", "1"], work, env)
     row(f"a {zpath.stat().st_size / 1e6:.1f} MB .zip holding a 1 GiB member", r,
         f"member skipped unread, peak {peak:.0f} MiB", "nothing")
     with open(src / "huge.png", "wb") as f:
@@ -310,8 +315,8 @@ def round_two(work: Path, env: dict) -> None:
     (src / "gone.png").symlink_to(work / "no-such.png")
     Image.fromarray(rng.integers(0, 255, (1, 1, 3), dtype=np.uint8)).save(src / "dot.png")
     Image.fromarray(rng.integers(0, 255, (100, 8000, 3), dtype=np.uint8)).save(src / "strip.png")
-    r, peak = peak_child_mib([str(BIN / "ganforge"), "-q", "shard", "--source", str(src), "--out", "hs",
-                              "--resolution", "8"], work, env)
+    r, peak = peak_child_mib(["-q", "shard", "--source", str(src), "--out", "hs", "--resolution", "8",
+                              "--workers", "1"], work, env)
     m = json.loads((work / "hs" / "manifest.json").read_text()) if r.returncode == 0 else {"skipped": []}
     reasons = {s["path"]: s["reason"] for s in m["skipped"]}
     row("a 1 GiB file in a source folder", r, f"{reasons.get('huge.png', 'NOT skipped')}; peak {peak:.0f} MiB",

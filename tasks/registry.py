@@ -135,6 +135,10 @@ def gate_lock(client, name: str, *, timeout_s: float = 120.0, stale_s: float = 6
             break
         except Exception as e:  # noqa: BLE001 - taken by someone else (RESOURCE_ALREADY_EXISTS) or a busy store
             text = str(e)
+            if "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower():
+                # MLflow's SQL store answers a duplicate name by reading the existing model for its message; when
+                # the holder released the lock in between, that read fails: taken a moment ago, free now
+                continue
             if "already exists" not in text.lower() and "RESOURCE_ALREADY_EXISTS" not in text \
                     and "locked" not in text.lower():
                 raise

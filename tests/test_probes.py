@@ -289,9 +289,11 @@ def _png(path: Path, w: int, h: int, seed: int = 0) -> Path:
 
 
 def _peak_rss_mib(code: str, cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
-    """Run ``code`` in a fresh interpreter; its peak resident memory (ru_maxrss of the child), in MiB."""
-    wrapped = (code + "\nimport resource, sys\n"
-               "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n")
+    """Run ``code`` in a fresh interpreter; its peak resident memory in MiB: VmHWM, which starts afresh at exec
+    (ru_maxrss does not: a child forked from a large pytest worker would report the worker's size)."""
+    wrapped = (code + "\nimport re, sys\n"
+               "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+               "print('PEAK', int(hwm) / 1024, file=sys.stderr)\n")
     r = subprocess.run([sys.executable, "-c", wrapped], cwd=cwd, capture_output=True, text=True, timeout=300)
     peak = [float(ln.split()[1]) for ln in r.stderr.splitlines() if ln.startswith("PEAK ")]
     return (peak[0] if peak else float("nan")), r

@@ -73,9 +73,9 @@ def test_worker_death_mid_stage_is_recovered(digits_shards, tmp_path):
     final = s["final_checkpoint"]
     meta = _meta(final)
     assert meta["images_in_stage"] == 160
-    # restarted from the latest checkpoint before step 6 (images 64), not from scratch
-    assert meta["attempt_start_images"] == 64
-    assert 6 * 16 - meta["attempt_start_images"] <= 32 * 1.0001 + 16
+    # restarted from the latest checkpoint, not from scratch: the one before step 6 (images 64), or step 6's own
+    # (96) when its background upload finished before the worker died (a busy machine's timing)
+    assert meta["attempt_start_images"] in (64, 96)
 
 
 def test_stylegan2_worker_death_mid_stage_is_recovered(digits_shards, tmp_path):
