@@ -179,7 +179,7 @@ def main() -> None:
         + f" ({len(left)} folder(s), {size / 1e6:.1f} MB)", "the killed run's partial shards")
 
     # 11. a credential in a URI
-    r = ganforge(work, "train", "--out", "run-secret", "--set", "runtime.s3_endpoint_url=http://minio:hunter2@127.0.0.1:9",
+    r = ganforge(work, "train", "--out", "run-secret", "--set", "runtime.mlflow_tracking_uri=postgresql://minio:hunter2@db/m",
                  "--set", "train.progan.stabilize_kimg=0.016", "--set", "train.resolution=4", "--workers", "1")
     leaked = "hunter2" in (work / "run-secret" / "summary.json").read_text() if (work / "run-secret" / "summary.json").exists() else None
     row("a password inside a URI param (summary.json)", r,
@@ -329,13 +329,14 @@ def round_two(work: Path, env: dict) -> None:
     # 3. secrets
     r = ganforge(work, "train", "--out", "run-secret2", "--set", "train.resolution=4", "--workers", "1",
                  "--set", "train.progan.stabilize_kimg=0.016",
-                 "--set", "runtime.s3_endpoint_url=http://127.0.0.1:9/?password=hunter2")
+                 "--set", "runtime.mlflow_tracking_uri=postgresql://u:p@ss/w0rd@db/m?password=hunter2")
     r2 = subprocess.run([str(BIN / "ganforge"), "dvc-stages", "--file", "x.yaml"], cwd=work, capture_output=True,
                         text=True, env={**env, "PREFECT_API_URL": "http://admin:p@ss/w0rd@127.0.0.1:9/api"})
     summary = work / "run-secret2" / "summary.json"
     text = (summary.read_text() if summary.exists() else "") + r.stderr + r2.stderr
     row("`?password=` and a password with a raw @ and / (logs, summary.json)", r2,
-        "redacted" if "hunter2" not in text and "w0rd" not in text else "LEAKED", "nothing")
+        ("redacted" if "hunter2" not in text and "w0rd" not in text else "LEAKED")
+        + (" (logs and summary.json)" if summary.exists() else " (logs; no summary.json was written!)"), "nothing")
 
     # 5. failing early, the exit contract
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -601,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         apply_prefect_api_url(params.runtime)
         result = args._fn(args, params)
     except KeyboardInterrupt:
+        # Ctrl-C cut short a pending read of Ray's report queue: Ray would print that unretrieved result as a
+        # 28-line "Unhandled error" (ray.util.queue.Empty) at shutdown, after our line
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+        logging.getLogger("ray").setLevel(logging.CRITICAL)
         print(f"ganforge {args.command}: interrupted; a re-run resumes what was checkpointed", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - every failure ends as one line and an exit code
