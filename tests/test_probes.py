@@ -26,7 +26,7 @@ def _spin(stop_at: float) -> None:
 
 @pytest.mark.slow
 def test_prefects_local_server_starts_with_a_fresh_home_on_busy_cores(tmp_path):
-    """A fresh PREFECT_HOME (its database is created and migrated) while every core is kept busy twice over:
+    """A fresh PREFECT_HOME (its database is created and migrated) while every core is kept busy:
     Prefect's own 20 s wait was not enough on such a machine; ganforge waits longer and says so in one line."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     for k in ("PREFECT_API_URL", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
@@ -36,7 +36,7 @@ def test_prefects_local_server_starts_with_a_fresh_home_on_busy_cores(tmp_path):
             "from ganforge.flows.services import ensure_prefect_api\n"
             "url = ensure_prefect_api(); print('API', url, round(time.monotonic() - t, 1))")
     spinners = [mp.get_context("spawn").Process(target=_spin, args=(time.time() + 240,), daemon=True)
-                for _ in range(2 * (os.cpu_count() or 1))]
+                for _ in range(os.cpu_count() or 1)]
     for s in spinners:
         s.start()
     try:
