@@ -382,9 +382,11 @@ def round_two(work: Path, env: dict) -> None:
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=300)
     r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    after = err[err.find("interrupted;"):].strip().splitlines()[1:] if "interrupted;" in err else []
     row("Ctrl-C during `ganforge train`", r,
-        f"interrupted; {len(err.strip().splitlines())} stderr line(s)"
-        + (" WITH a traceback" if "Traceback" in err else ", no traceback"), "the images since its last checkpoint")
+        f"interrupted; {len(after)} line(s) after the one line"
+        + (" (Ray's 'Unhandled error' traceback)" if "Unhandled error" in err or "Traceback" in err else ""),
+        "the images since its last checkpoint")
 
 
 if __name__ == "__main__":
