@@ -63,6 +63,9 @@ def _reach(url: str, timeout_s: float) -> str | None:
     import urllib.error
     import urllib.request
 
+    scheme, _, rest = url.partition("://")  # probe without userinfo (a raw "@" or "/" in it confuses urllib);
+    at = rest.rfind("@", 0, rest.find("?") if "?" in rest else len(rest))  # an answer of 401 still counts as up
+    url = f"{scheme}://{rest[at + 1:]}"
     try:
         urllib.request.urlopen(url, timeout=timeout_s).close()  # noqa: S310 - the user's own service URL
     except urllib.error.HTTPError:
