@@ -79,6 +79,15 @@ def digits_labelled_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shards8(tmp_path_factory) -> Path:
+    """60 synthetic shapes at 8x8 in shards of 20 (a val split of 12): the fault probes' tiny data."""
+    out = tmp_path_factory.mktemp("shards8") / "shards"
+    shard("synthetic:shapes:60", out, DataParams(resolution=8, shard_size=20, val_fraction=0.2, workers=1),
+          progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def digits32_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits32") / "shards"
     shard("digits", out, DataParams(resolution=32, shard_size=500, workers=1), progress=False)

@@ -32,14 +32,6 @@ def _toy(**kw) -> TrainParams:
 
 
 @pytest.fixture(scope="module")
-def shards8(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "shards"
-    shard("synthetic:shapes:60", out, DataParams(resolution=8, shard_size=20, val_fraction=0.2, workers=1),
-          progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def storage(tmp_path_factory, shards8) -> tuple[Path, list[str]]:
     """Ray-Train-like storage of one stage: <storage>/<stage>-<attempt>/ckpt-*, three checkpoints."""
     root = tmp_path_factory.mktemp("storage")

@@ -134,17 +134,6 @@ def _line(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def shards8(tmp_path_factory) -> Path:
-    from ganforge.tasks.params import DataParams
-    from ganforge.tasks.shard import shard
-
-    out = tmp_path_factory.mktemp("probes") / "shards"
-    shard("synthetic:shapes:24", out, DataParams(resolution=8, shard_size=12, val_fraction=0.25, workers=1),
-          progress=False)
-    return out
-
-
 def test_resuming_with_changed_params_names_the_keys_and_exits_2(shards8, tmp_path):
     from ganforge.tasks.params import Params
     from ganforge.tasks.train import identity
